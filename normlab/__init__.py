@@ -1,0 +1,19 @@
+"""normlab: deep-learning normalization that is correct, fast and understandable.
+
+* :mod:`normlab.functional` - ``batch_norm``, ``instance_norm``, ``group_norm``, ``layer_norm``,
+  ``rms_norm`` with the signatures and semantics of ``torch.nn.functional``.
+* :mod:`normlab.nn` - drop-in subclasses of the torch modules of the same names.
+* :func:`patch` - switch every torch normalization in a model to normlab, in place.
+* :func:`backend` - force a backend (``"reference"``, ``"torch"``) inside a ``with`` block.
+"""
+from . import functional, nn
+from ._dispatch import available_backends, backend, current_backend
+from ._errors import ArgumentError, BackendUnavailableError, DTypeError, ShapeError
+from ._patch import patch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional", "nn", "patch", "backend", "available_backends", "current_backend",
+    "ArgumentError", "ShapeError", "DTypeError", "BackendUnavailableError", "__version__",
+]

@@ -1,0 +1,120 @@
+"""Input validation shared by every backend: each mistake gets a message that names it.
+
+The exception classes derive from both the Python exception a reader expects (``ValueError``,
+``TypeError``) and ``RuntimeError``, which is what torch raises for the same mistakes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ._errors import ArgumentError, DTypeError, ShapeError
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def floating_input(fn: str, x, min_dim: int, layout: str) -> None:
+    """``x`` is a real floating-point tensor with at least ``min_dim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise DTypeError(
+            f"{fn}: expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}; convert it first, e.g. x.float()"
+        )
+    if x.dim() < min_dim:
+        raise ShapeError(
+            f"{fn}: expected an input of shape {layout} with at least {min_dim} dimensions, "
+            f"got a {x.dim()}-D input of shape {_shape(x)}"
+        )
+
+
+def _floating_param(fn: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise DTypeError(f"{fn}: {name} must be floating-point, got {t.dtype}")
+
+
+def per_channel(fn: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Each given tensor holds one value per channel (dim 1 of ``x``), like torch checks it."""
+    channels = x.shape[1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        _floating_param(fn, name, t)
+        if t.numel() != channels:
+            raise ShapeError(
+                f"{fn}: {name} must hold one value per channel, {channels} (dim 1 of the input "
+                f"of shape {_shape(x)}), got {name} of shape {_shape(t)}"
+            )
+
+
+def more_than_one_value(fn: str, x: torch.Tensor, count: int, what: str) -> None:
+    """Training statistics need more than one value per statistics set."""
+    if count == 1:
+        raise ShapeError(
+            f"{fn}: expected more than 1 {what} when training, got input of shape {_shape(x)}: "
+            "the variance of a single value is 0, so the output would be all zeros. Use a larger "
+            "batch, eval mode (running statistics), or a GroupNorm/LayerNorm instead"
+        )
+
+
+def positive_eps_in_training(fn: str, eps: float) -> None:
+    if not eps > 0:
+        raise ArgumentError(f"{fn}: eps must be positive during training, but got {eps}")
+
+
+def given(fn: str, why: str, **tensors: torch.Tensor | None) -> None:
+    """Tensors that the chosen mode needs are there."""
+    missing = [name for name, t in tensors.items() if t is None]
+    if missing:
+        raise ArgumentError(f"{fn}: {' and '.join(missing)} must be given {why}")
+
+
+def normalized_shape(fn: str, x: torch.Tensor, shape: int | Sequence[int]) -> tuple[int, ...]:
+    """Canonical tuple for ``normalized_shape``; the input's trailing dims must equal it."""
+    if isinstance(shape, int):
+        shape = (shape,)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        raise ShapeError(
+            f"{fn}: normalized_shape must name at least one trailing dimension, got ()"
+        )
+    if x.dim() < len(shape) or _shape(x)[-len(shape):] != shape:
+        raise ShapeError(
+            f"{fn}: normalized_shape={list(shape)} must equal the input's trailing dimensions, "
+            f"but the input has shape {_shape(x)}; expected shape [*, {', '.join(map(str, shape))}]"
+        )
+    return shape
+
+
+def same_shape(fn: str, shape: tuple[int, ...], **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        _floating_param(fn, name, t)
+        if _shape(t) != shape:
+            raise ShapeError(
+                f"{fn}: {name} must have shape normalized_shape={list(shape)}, "
+                f"got {name} of shape {_shape(t)}"
+            )
+
+
+def groups(fn: str, num_groups, num_channels: int) -> None:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ShapeError(f"{fn}: num_groups must be a positive integer, got {num_groups!r}")
+    if num_channels % num_groups != 0:
+        divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+        raise ShapeError(
+            f"{fn}: the number of channels ({num_channels}) must be divisible by num_groups "
+            f"({num_groups}); valid num_groups for {num_channels} channels: {divisors}"
+        )
+
+
+def spatial_count(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])

@@ -1,0 +1,269 @@
+r"""The one statistics engine behind every normalization in normlab.
+
+Every normalization is the same computation over a different set of elements. A
+:class:`Reduction` says which elements share one mean and one variance, and which axes the
+affine parameters vary along; the engine does the rest:
+
+.. math::
+
+    \mu = \frac{1}{m}\sum_{i \in S} x_i, \qquad
+    \sigma^2 = \frac{1}{m}\sum_{i \in S} (x_i - \mu)^2, \qquad
+    \hat x_i = (x_i - \mu)\,(\sigma^2 + \epsilon)^{-1/2}, \qquad
+    y_i = \gamma\,\hat x_i + \beta
+
+over each statistics set :math:`S` of :math:`m` elements. RMSNorm is the uncentered case
+(:math:`\mu := 0`, so :math:`\sigma^2` is the mean square).
+
+Numerics policy (one place for all norms):
+
+* statistics accumulate in float32, or float64 for float64 inputs, whatever the input dtype,
+  so float16 inputs whose squares overflow float16 still normalize correctly;
+* the variance is computed in two passes, the second over :math:`x - \mu`, never as
+  :math:`E[x^2] - E[x]^2` (which cancels catastrophically for inputs such as 1e4 + N(0, 1));
+* the output has the input's dtype, shape and memory layout.
+
+Backward (written out, not traced). With :math:`g = \gamma\,\partial L/\partial y` and means
+:math:`\langle\cdot\rangle` taken over each statistics set,
+
+.. math::
+
+    \frac{\partial L}{\partial x} = \mathrm{rstd}\,\bigl(g - \langle g\rangle
+        - \hat x\,\langle g\,\hat x\rangle\bigr)
+
+(drop :math:`\langle g\rangle` for RMSNorm; when the statistics are given constants, as in
+BatchNorm's eval mode, it is just :math:`\mathrm{rstd}\; g`), and
+:math:`\partial L/\partial\gamma = \sum \partial L/\partial y\,\hat x`,
+:math:`\partial L/\partial\beta = \sum \partial L/\partial y` over every axis the parameters do
+not vary along. Only ``x``, ``weight``, ``mean`` and ``rstd`` are saved for backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Which elements of an input share statistics, in a view of the input.
+
+    Attributes:
+        view: shape the input is viewed as (GroupNorm splits C into (G, C/G); others keep it).
+        dims: axes of ``view`` reduced for one statistic; the others index the statistics.
+        affine: shape that ``weight`` and ``bias`` are viewed as, broadcasting against ``view``.
+        centered: subtract the mean (every norm but RMSNorm).
+    """
+
+    view: tuple[int, ...]
+    dims: tuple[int, ...]
+    affine: tuple[int, ...]
+    centered: bool = True
+
+    @property
+    def count(self) -> int:
+        """Number of elements that share one statistic (m above)."""
+        return math.prod(self.view[d] for d in self.dims)
+
+    @property
+    def param_dims(self) -> tuple[int, ...]:
+        """Axes the affine parameters are constant along: summed for their gradients."""
+        return tuple(d for d, size in enumerate(self.affine) if size == 1)
+
+    @property
+    def stats_shape(self) -> tuple[int, ...]:
+        """Shape of mean and variance (``view`` with the reduced axes kept as size 1)."""
+        return tuple(1 if d in self.dims else s for d, s in enumerate(self.view))
+
+
+# --- the reductions of the five norms, for an input of shape (N, C, *spatial) or (*, *normalized)
+
+
+def per_channel(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Affine shape for per-channel parameters of an (N, C, *spatial) input."""
+    return (1, shape[1]) + (1,) * (len(shape) - 2)
+
+
+def batch_reduction(shape: tuple[int, ...]) -> Reduction:
+    """BatchNorm: one statistic per channel, over the batch and every spatial position."""
+    return Reduction(tuple(shape), (0,) + tuple(range(2, len(shape))), per_channel(shape))
+
+
+def instance_reduction(shape: tuple[int, ...]) -> Reduction:
+    """InstanceNorm: one statistic per (sample, channel), over the spatial positions."""
+    return Reduction(tuple(shape), tuple(range(2, len(shape))), per_channel(shape))
+
+
+def group_reduction(shape: tuple[int, ...], groups: int) -> Reduction:
+    """GroupNorm: one statistic per (sample, group), over the group's channels and positions."""
+    n, c, *spatial = shape
+    view = (n, groups, c // groups, *spatial)
+    return Reduction(view, tuple(range(2, len(view))), (1, groups, c // groups) + (1,) * len(spatial))
+
+
+def row_reduction(shape: tuple[int, ...], normalized_ndim: int, centered: bool = True) -> Reduction:
+    """LayerNorm (centered) and RMSNorm (not): one statistic per leading index, over the
+    trailing ``normalized_ndim`` axes, with parameters per element of those axes."""
+    lead = len(shape) - normalized_ndim
+    return Reduction(
+        tuple(shape), tuple(range(lead, len(shape))), (1,) * lead + tuple(shape[lead:]), centered
+    )
+
+
+# --- the engine
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics dtype for an input dtype: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _view(t: torch.Tensor, red: Reduction) -> torch.Tensor:
+    return t.reshape(red.view).to(compute_dtype(t.dtype))
+
+
+def moments(
+    x: torch.Tensor, red: Reduction
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Statistics of each set as ``(shift, delta, var)``, in the compute dtype, shaped
+    :attr:`Reduction.stats_shape`; the mean is ``shift + delta``.
+
+    The corrected two-pass algorithm (Chan, Golub & LeVeque, 1983): a first pass gives
+    ``shift``, the rounded mean; ``x - shift`` is then exact (Sterbenz), and its mean ``delta``
+    recovers what rounding lost. Normalizing with ``(x - shift) - delta`` keeps fp32 outputs
+    accurate to ~1e-6 even for 1e5 + N(0, 1), where one fp32 mean is already off by 4e-3.
+    Not centered (RMSNorm): ``(None, None, mean square)``.
+    """
+    xa = _view(x, red)
+    if not red.centered:
+        return None, None, xa.square().mean(red.dims, keepdim=True)
+    shift = xa.mean(red.dims, keepdim=True)
+    xc = xa - shift
+    delta = xc.mean(red.dims, keepdim=True)
+    return shift, delta, (xc - delta).square().mean(red.dims, keepdim=True)
+
+
+def _center(xa: torch.Tensor, *offsets: torch.Tensor | None) -> torch.Tensor:
+    for offset in offsets:
+        if offset is not None:
+            xa = xa - offset
+    return xa
+
+
+def _param(p: torch.Tensor | None, red: Reduction, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if p is None else p.reshape(red.affine).to(dtype)
+
+
+class _Normalize(torch.autograd.Function):
+    """y = x_hat * weight + bias, with statistics from x (``input_stats``) or given constants."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, red, eps, shift, delta, var, input_stats):
+        acc = compute_dtype(x.dtype)
+        rstd = (var + eps).rsqrt()
+        y = _center(_view(x, red), shift, delta) * rstd
+        w, b = _param(weight, red, acc), _param(bias, red, acc)
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        ctx.red, ctx.input_stats = red, input_stats
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        mean = shift + delta if delta is not None else shift
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y.to(x.dtype).reshape(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        red = ctx.red
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = _view(dy, red)
+        xhat = _center(_view(x, red), mean) * rstd
+        dx = dw = db = None
+        if need_w:
+            dw = (g * xhat).sum(red.param_dims, keepdim=True)
+            dw = dw.reshape(weight.shape).to(weight.dtype)
+        if need_b:
+            shape, dtype = ctx.bias_meta
+            db = g.sum(red.param_dims, keepdim=True).reshape(shape).to(dtype)
+        if need_x:
+            w = _param(weight, red, g.dtype)
+            gw = g * w if w is not None else g
+            if ctx.input_stats:  # the statistics depend on x: project out their directions
+                inner = (gw * xhat).mean(red.dims, keepdim=True)
+                if mean is not None:
+                    gw = gw - gw.mean(red.dims, keepdim=True)
+                gw = gw - xhat * inner
+            dx = (gw * rstd).to(x.dtype).reshape(x.shape)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def normalize(
+    x: torch.Tensor,
+    red: Reduction,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Normalize ``x`` over ``red``; differentiable in ``x``, ``weight`` and ``bias``.
+
+    With ``var=None`` the statistics are computed from ``x`` (training mode). Otherwise ``mean``
+    (ignored when not centered) and ``var`` are constants broadcastable against ``red.view``,
+    e.g. BatchNorm's running statistics in eval mode; they get no gradient.
+
+    Returns ``(y, mean, var)``: the output and the statistics used, in the compute dtype
+    (float32, or float64 for float64 input), shaped for broadcasting, detached.
+    """
+    acc = compute_dtype(x.dtype)
+    input_stats = var is None
+    delta = None
+    with torch.no_grad():
+        if input_stats:
+            mean, delta, var = moments(x, red)
+        else:
+            var = var.detach().to(acc)
+            mean = mean.detach().to(acc) if red.centered else None
+    y = _Normalize.apply(x, weight, bias, red, float(eps), mean, delta, var, input_stats)
+    if delta is not None:
+        mean = mean + delta
+    return y, mean, var
+
+
+def update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    r"""torch's running-statistics update, in place.
+
+    .. math::
+
+        \hat\mu \leftarrow (1 - m)\,\hat\mu + m\,\mu, \qquad
+        \hat\sigma^2 \leftarrow (1 - m)\,\hat\sigma^2 + m\,\frac{n}{n - 1}\,\sigma^2
+
+    ``momentum`` :math:`m` weights the *new* value and the running variance is *unbiased*
+    (:math:`n` = ``count`` elements per statistic), as in torch; flax and keras weight the old
+    value and keep the biased variance. ``mean`` and ``var`` hold one value per buffer entry
+    (any shape of that many elements). Nothing happens for an empty batch (``count == 0``).
+    """
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(
+                mean.reshape(running_mean.shape).to(running_mean.dtype), alpha=momentum
+            )
+        if running_var is not None:
+            unbiased = var * (count / (count - 1)) if count > 1 else var
+            running_var.mul_(1 - momentum).add_(
+                unbiased.reshape(running_var.shape).to(running_var.dtype), alpha=momentum
+            )

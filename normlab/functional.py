@@ -1,0 +1,235 @@
+r"""Normalization functions with the signatures and semantics of ``torch.nn.functional``.
+
+Every function validates its arguments (one message per mistake, see :mod:`normlab._checks`),
+then runs on the current backend (:func:`normlab.backend`). All five share one statistics
+engine (:mod:`normlab._engine`): they differ only in which elements share a mean and variance.
+
+=============  ======================================  =====================================
+function       statistics per                          reduced over
+=============  ======================================  =====================================
+batch_norm     channel                                 batch and spatial axes (N, *S)
+instance_norm  (sample, channel)                       spatial axes (*S)
+group_norm     (sample, group of C/G channels)         the group's channels and (*S)
+layer_norm     leading index                           the trailing ``normalized_shape`` axes
+rms_norm       leading index (no centering)            the trailing ``normalized_shape`` axes
+=============  ======================================  =====================================
+
+Statistics are computed in float32 (float64 for float64 inputs) with a two-pass variance;
+the output has the input's dtype. Parameters and running statistics may have another floating
+dtype than the input (torch refuses some of these combinations on CPU).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _checks
+from ._dispatch import get_backend
+from ._engine import compute_dtype
+
+__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    r"""Batch Normalization (Ioffe & Szegedy, 2015) over an ``(N, C, *)`` input.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    with one mean and biased variance per channel, reduced over the batch and all spatial axes
+    (``N, *``). In training the batch statistics normalize, and ``running_mean`` /
+    ``running_var`` (when given) are updated in place:
+    ``running = (1 - momentum) * running + momentum * batch``, the variance unbiased
+    (``n / (n - 1)``). In eval (``training=False``) the running statistics normalize.
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *)`` floating tensor.
+        running_mean, running_var: ``(C,)`` buffers, or None (required when not training).
+        weight, bias: ``(C,)`` affine parameters :math:`\gamma, \beta`, or None.
+        training: use batch statistics (and update the running ones). Default: False.
+        momentum: weight of the new batch statistic in the running update. Default: 0.1.
+        eps: added to the variance. Default: 1e-5. Must be positive in training.
+
+    >>> x = torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]])
+    >>> batch_norm(x, None, None, training=True)
+    tensor([[-1.2247, -1.2247, -1.2247],
+            [ 0.0000,  0.0000,  0.0000],
+            [ 1.2247,  1.2247,  1.2247]])
+    """
+    fn = "batch_norm"
+    _checks.floating_input(fn, input, 2, "(N, C, *)")
+    _checks.per_channel(
+        fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+    eps = float(eps)
+    if training:
+        _checks.more_than_one_value(
+            fn, input, input.shape[0] * _checks.spatial_count(input), "value per channel"
+        )
+        _checks.positive_eps_in_training(fn, eps)
+    else:
+        _checks.given(
+            fn, "in evaluation mode (training=False)",
+            running_mean=running_mean, running_var=running_var,
+        )
+    return get_backend().batch_norm(
+        input, running_mean, running_var, weight, bias, bool(training), float(momentum), eps
+    )
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    r"""Instance Normalization (Ulyanov et al., 2016) over an ``(N, C, *)`` input.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    with one mean and biased variance per ``(sample, channel)``, reduced over the spatial axes
+    ``*``. With ``use_input_stats`` (default) the instance statistics normalize, and given
+    running statistics move towards their batch average (variance unbiased per instance), as in
+    torch. Otherwise ``running_mean`` / ``running_var`` normalize.
+
+    Args:
+        input: ``(N, C, *)`` floating tensor with more than one spatial element when
+            ``use_input_stats``.
+        running_mean, running_var: ``(C,)`` buffers or None (required if not ``use_input_stats``).
+        weight, bias: ``(C,)`` affine parameters or None.
+        use_input_stats: normalize with the instance statistics. Default: True.
+        momentum: weight of the new statistic in the running update. Default: 0.1.
+        eps: added to the variance. Default: 1e-5.
+    """
+    fn = "instance_norm"
+    _checks.floating_input(fn, input, 2, "(N, C, *)")
+    _checks.per_channel(
+        fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+    if use_input_stats:
+        _checks.more_than_one_value(fn, input, _checks.spatial_count(input), "spatial element")
+    else:
+        _checks.given(
+            fn, "when use_input_stats=False", running_mean=running_mean, running_var=running_var
+        )
+    return get_backend().instance_norm(
+        input, running_mean, running_var, weight, bias, bool(use_input_stats), float(momentum),
+        float(eps),
+    )
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    r"""Group Normalization (Wu & He, 2018) over an ``(N, C, *)`` input.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The ``C`` channels are split into ``num_groups`` groups of ``C / num_groups`` consecutive
+    channels; one mean and biased variance per ``(sample, group)``, reduced over the group's
+    channels and all spatial axes. ``num_groups=1`` is LayerNorm over ``(C, *)``;
+    ``num_groups=C`` is InstanceNorm. The affine parameters are per channel.
+
+    Args:
+        input: ``(N, C, *)`` floating tensor, ``C`` divisible by ``num_groups``.
+        num_groups: number of groups.
+        weight, bias: ``(C,)`` affine parameters or None.
+        eps: added to the variance. Default: 1e-5.
+    """
+    fn = "group_norm"
+    _checks.floating_input(fn, input, 2, "(N, C, *)")
+    _checks.groups(fn, num_groups, input.shape[1])
+    _checks.per_channel(fn, input, weight=weight, bias=bias)
+    return get_backend().group_norm(input, num_groups, weight, bias, float(eps))
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    r"""Layer Normalization (Ba et al., 2016) over the trailing ``normalized_shape`` axes.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    One mean and biased variance per leading index, reduced over the last
+    ``len(normalized_shape)`` axes; ``weight`` and ``bias`` have shape ``normalized_shape``
+    (one value per normalized element).
+
+    Args:
+        input: ``(*, *normalized_shape)`` floating tensor.
+        normalized_shape: the trailing shape to normalize over (an int for one axis).
+        weight, bias: parameters of shape ``normalized_shape``, or None.
+        eps: added to the variance. Default: 1e-5.
+
+    >>> layer_norm(torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]]), (3,))
+    tensor([[-1.2247,  0.0000,  1.2247],
+            [-1.2247,  0.0000,  1.2247],
+            [-1.2247,  0.0000,  1.2247]])
+    """
+    fn = "layer_norm"
+    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
+    shape = _checks.normalized_shape(fn, input, normalized_shape)
+    _checks.same_shape(fn, shape, weight=weight, bias=bias)
+    return get_backend().layer_norm(input, shape, weight, bias, float(eps))
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019).
+
+    .. math::
+
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+
+    One mean square per leading index, reduced over the last ``len(normalized_shape)`` axes;
+    no centering and no bias.
+
+    Args:
+        input: ``(*, *normalized_shape)`` floating tensor.
+        normalized_shape: the trailing shape to normalize over (an int for one axis).
+        weight: parameter of shape ``normalized_shape``, or None.
+        eps: added to the mean square. Default None: the machine epsilon of the compute dtype,
+            ``torch.finfo(torch.float32).eps`` for float32/float16/bfloat16 inputs and
+            ``torch.finfo(torch.float64).eps`` for float64, as torch does.
+
+    >>> rms_norm(torch.tensor([[1., 2., 3.]]), (3,), eps=1e-8)
+    tensor([[0.4629, 0.9258, 1.3887]])
+    """
+    fn = "rms_norm"
+    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
+    shape = _checks.normalized_shape(fn, input, normalized_shape)
+    _checks.same_shape(fn, shape, weight=weight)
+    eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else float(eps)
+    return get_backend().rms_norm(input, shape, weight, eps)

@@ -1,0 +1,12 @@
+"""Drop-in normalization modules: subclasses of the torch classes of the same names whose
+forward runs on normlab's engine. ``isinstance``, ``state_dict`` keys, ``extra_repr``,
+checkpoint loading and train/eval semantics are torch's own."""
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .normalization import GroupNorm, LayerNorm, RMSNorm
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "GroupNorm", "LayerNorm", "RMSNorm",
+]
