@@ -69,6 +69,15 @@ def positive_eps_in_training(fn: str, eps: float) -> None:
         raise ArgumentError(f"{fn}: eps must be positive during training, but got {eps}")
 
 
+def momentum(fn: str, value) -> float:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{fn}: momentum must be a float, got {value!r}; momentum=None (a cumulative "
+            "average) is an option of the modules, which pass 1 / num_batches_tracked"
+        )
+    return float(value)
+
+
 def given(fn: str, why: str, **tensors: torch.Tensor | None) -> None:
     """Tensors that the chosen mode needs are there."""
     missing = [name for name, t in tensors.items() if t is None]

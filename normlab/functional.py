@@ -84,7 +84,8 @@ def batch_norm(
             running_mean=running_mean, running_var=running_var,
         )
     return get_backend().batch_norm(
-        input, running_mean, running_var, weight, bias, bool(training), float(momentum), eps
+        input, running_mean, running_var, weight, bias, bool(training),
+        _checks.momentum(fn, momentum), eps,
     )
 
 
@@ -130,8 +131,8 @@ def instance_norm(
             fn, "when use_input_stats=False", running_mean=running_mean, running_var=running_var
         )
     return get_backend().instance_norm(
-        input, running_mean, running_var, weight, bias, bool(use_input_stats), float(momentum),
-        float(eps),
+        input, running_mean, running_var, weight, bias, bool(use_input_stats),
+        _checks.momentum(fn, momentum), float(eps),
     )
 
 
