@@ -172,7 +172,11 @@ class _Normalize(torch.autograd.Function):
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         mean = shift + delta if delta is not None else shift
         ctx.save_for_backward(x, weight, mean, rstd)
-        return y.to(x.dtype).reshape(x.shape)
+        # A fresh tensor in x's dtype and layout, not a view of y: outputs of a custom Function
+        # that are views cannot be modified in place (nn.ReLU(inplace=True) after a norm).
+        out = torch.empty_like(x)
+        out.view(red.view).copy_(y)
+        return out
 
     @staticmethod
     @once_differentiable

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from .. import functional as F
 
 
@@ -59,6 +60,10 @@ class GroupNorm(torch.nn.GroupNorm):
     >>> GroupNorm(2, 4)(x)[0, :2].flatten().detach()
     tensor([-1.5275, -1.0911, -0.6547, -0.2182,  0.2182,  0.6547,  1.0911,  1.5275])
     """
+
+    def __init__(self, num_groups: int, num_channels: int, *args, **kwargs) -> None:
+        _checks.groups("GroupNorm", num_groups, num_channels)
+        super().__init__(num_groups, num_channels, *args, **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
