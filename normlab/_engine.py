@@ -155,6 +155,11 @@ def _param(p: torch.Tensor | None, red: Reduction, dtype: torch.dtype) -> torch.
     return None if p is None else p.reshape(red.affine).to(dtype)
 
 
+def _sum_over(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    # t.sum(()) would sum over every axis: no axes means nothing to sum (unbatched LayerNorm).
+    return t.sum(dims, keepdim=True) if dims else t
+
+
 class _Normalize(torch.autograd.Function):
     """y = x_hat * weight + bias, with statistics from x (``input_stats``) or given constants."""
 
@@ -188,11 +193,10 @@ class _Normalize(torch.autograd.Function):
         xhat = _center(_view(x, red), mean) * rstd
         dx = dw = db = None
         if need_w:
-            dw = (g * xhat).sum(red.param_dims, keepdim=True)
-            dw = dw.reshape(weight.shape).to(weight.dtype)
+            dw = _sum_over(g * xhat, red.param_dims).reshape(weight.shape).to(weight.dtype)
         if need_b:
             shape, dtype = ctx.bias_meta
-            db = g.sum(red.param_dims, keepdim=True).reshape(shape).to(dtype)
+            db = _sum_over(g, red.param_dims).reshape(shape).to(dtype)
         if need_x:
             w = _param(weight, red, g.dtype)
             gw = g * w if w is not None else g
