@@ -144,10 +144,9 @@ def moments(
     return shift, delta, (xc - delta).square().mean(red.dims, keepdim=True)
 
 
-def _center(xa: torch.Tensor, *offsets: torch.Tensor | None) -> torch.Tensor:
+def _center(xa: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
     for offset in offsets:
-        if offset is not None:
-            xa = xa - offset
+        xa = xa - offset
     return xa
 
 
@@ -164,10 +163,10 @@ class _Normalize(torch.autograd.Function):
     """y = x_hat * weight + bias, with statistics from x (``input_stats``) or given constants."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, red, eps, shift, delta, var, input_stats):
+    def forward(ctx, x, weight, bias, red, eps, offsets, mean, var, input_stats):
         acc = compute_dtype(x.dtype)
         rstd = (var + eps).rsqrt()
-        y = _center(_view(x, red), shift, delta) * rstd
+        y = _center(_view(x, red), *offsets) * rstd
         w, b = _param(weight, red, acc), _param(bias, red, acc)
         if w is not None:
             y = y * w
@@ -175,7 +174,6 @@ class _Normalize(torch.autograd.Function):
             y = y + b
         ctx.red, ctx.input_stats = red, input_stats
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        mean = shift + delta if delta is not None else shift
         ctx.save_for_backward(x, weight, mean, rstd)
         # A fresh tensor in x's dtype and layout, not a view of y: outputs of a custom Function
         # that are views cannot be modified in place (nn.ReLU(inplace=True) after a norm).
@@ -190,7 +188,7 @@ class _Normalize(torch.autograd.Function):
         red = ctx.red
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = _view(dy, red)
-        xhat = _center(_view(x, red), mean) * rstd
+        xhat = (_view(x, red) if mean is None else _view(x, red) - mean) * rstd
         dx = dw = db = None
         if need_w:
             dw = _sum_over(g * xhat, red.param_dims).reshape(weight.shape).to(weight.dtype)
@@ -230,16 +228,16 @@ def normalize(
     """
     acc = compute_dtype(x.dtype)
     input_stats = var is None
-    delta = None
     with torch.no_grad():
         if input_stats:
-            mean, delta, var = moments(x, red)
+            shift, delta, var = moments(x, red)
+            offsets = () if shift is None else (shift, delta)  # subtracted in this order
+            mean = None if shift is None else shift + delta
         else:
             var = var.detach().to(acc)
             mean = mean.detach().to(acc) if red.centered else None
-    y = _Normalize.apply(x, weight, bias, red, float(eps), mean, delta, var, input_stats)
-    if delta is not None:
-        mean = mean + delta
+            offsets = () if mean is None else (mean,)
+    y = _Normalize.apply(x, weight, bias, red, float(eps), offsets, mean, var, input_stats)
     return y, mean, var
 
 
