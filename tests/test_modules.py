@@ -19,7 +19,6 @@ import torch
 import torch.nn as tnn
 from torch.testing import assert_close
 
-import normlab
 import normlab.nn as nlnn
 
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
