@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 from typing import Iterator
 
 from ._errors import BackendUnavailableError
@@ -22,9 +23,10 @@ from ._errors import BackendUnavailableError
 _KNOWN = {
     "reference": "normlab.kernels.reference:BACKEND",
     "torch": "normlab.kernels.torch_ops:BACKEND",
-    "cpu": None,  # fused Numba kernels: not built yet
+    "cpu": "normlab.kernels.cpu:BACKEND",  # fused Numba kernels (rows so far), needs numba
     "triton": None,  # GPU kernels: not built yet
 }
+_REQUIRES = {"cpu": "numba", "triton": "triton"}  # the import a backend cannot run without
 _loaded: dict[str, object] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("normlab_backend", default=None)
 
@@ -40,13 +42,26 @@ def _load(name: str):
                 f"available: {', '.join(available_backends())}"
             )
         module, attr = target.split(":")
-        _loaded[name] = getattr(importlib.import_module(module), attr)
+        try:
+            _loaded[name] = getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"normlab backend {name!r} cannot run here: {e}; "
+                f"available: {', '.join(available_backends())}"
+            ) from e
     return _loaded[name]
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run in this process."""
-    return [name for name, target in _KNOWN.items() if target is not None]
+    """Names of the backends that can run in this process (their dependencies import)."""
+    names = []
+    for name, target in _KNOWN.items():
+        if target is None:
+            continue
+        if name not in _loaded and importlib.util.find_spec(_REQUIRES.get(name, "torch")) is None:
+            continue
+        names.append(name)
+    return names
 
 
 def current_backend() -> str:

@@ -1,8 +1,9 @@
-"""Baseline: normlab's reference backend against torch eager (ATen) on CPU, forward and
-forward+backward, interleaved in one run. The full harness (`normlab bench`) comes with the
-fused kernels; this records where the readable engine stands.
+"""normlab's backends (reference, and the fused Numba cpu kernels) against torch eager (ATen)
+on CPU, forward and forward+backward, all interleaved in one run. The full harness
+(`normlab bench`: torch.compile, channels_last, GB/s against the copy roofline) is still to
+come with issue 3; this records where each backend stands.
 
-    python benchmarks/reference_vs_torch.py  # prints a markdown table
+    python benchmarks/backends_vs_torch.py  # prints a markdown table
 """
 import platform
 import time
@@ -17,8 +18,13 @@ CASES = [
     ("group_norm(32) NCHW", (8, 256, 28, 28), lambda x, w, b: F.group_norm(x, 32, w, b)),
     ("instance_norm NCHW", (8, 256, 28, 28), lambda x, w, b: F.instance_norm(x, weight=w, bias=b)),
     ("layer_norm rows", (4096, 1024), lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)),
+    ("layer_norm rows", (8192, 768), lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)),
+    ("layer_norm rows", (2048, 4096), lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)),
     ("rms_norm rows", (4096, 1024), lambda x, w, b: F.rms_norm(x, x.shape[-1:], w)),
+    ("rms_norm rows", (8192, 768), lambda x, w, b: F.rms_norm(x, x.shape[-1:], w)),
+    ("rms_norm rows", (2048, 4096), lambda x, w, b: F.rms_norm(x, x.shape[-1:], w)),
 ]
+BACKENDS = ("torch", "reference", "cpu")
 
 
 def _time(fn, reps=5):
@@ -34,8 +40,9 @@ def _time(fn, reps=5):
 def main():
     print(f"CPU: {platform.processor() or platform.machine()}, threads {torch.get_num_threads()},"
           f" torch {torch.__version__}, normlab {normlab.__version__}\n")
-    print("| case | shape | mode | torch ms | reference ms | reference / torch |")
-    print("|---|---|---|---|---|---|")
+    print("| case | shape | mode | torch ms | reference ms | cpu ms | torch / reference |"
+          " torch / cpu (speedup) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, shape, fn in CASES:
         g = torch.Generator().manual_seed(0)
         x = (torch.randn(shape, generator=g) + 1).requires_grad_()
@@ -52,11 +59,12 @@ def main():
                     fn(x, w, b).backward(dy)
             times = {}
             for _ in range(2):  # interleave the two backends
-                for backend in ("torch", "reference"):
+                for backend in BACKENDS:
                     with normlab.backend(backend):
                         times[backend] = min(times.get(backend, 1e9), _time(run))
-            print(f"| {name} | {'x'.join(map(str, shape))} | {mode} | {times['torch'] * 1e3:.1f} |"
-                  f" {times['reference'] * 1e3:.1f} | {times['reference'] / times['torch']:.2f} |")
+            t, r, c = (times[k] for k in BACKENDS)
+            print(f"| {name} | {'x'.join(map(str, shape))} | {mode} | {t * 1e3:.1f} |"
+                  f" {r * 1e3:.1f} | {c * 1e3:.1f} | {t / r:.2f} | {t / c:.2f} |")
 
 
 if __name__ == "__main__":
