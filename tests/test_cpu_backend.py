@@ -102,8 +102,9 @@ def test_empty_and_fallback_norms_equal_reference():
     with normlab.backend("cpu"):
         assert F.layer_norm(torch.randn(0, 4), 4).shape == (0, 4)
     x = torch.randn(4, 6, 5, 5) * 2 + 1
-    for fn in (lambda: F.batch_norm(x, None, None, training=True), lambda: F.group_norm(x, 3),
-               lambda: F.instance_norm(x)):
+    for fn in (lambda: F.group_norm(x, 3), lambda: F.instance_norm(x),  # not fused yet
+               lambda: F.batch_norm(x.contiguous(memory_format=torch.channels_last), None, None,
+                                    training=True)):
         with normlab.backend("cpu"):
             a = fn()
         with normlab.backend("reference"):
@@ -132,3 +133,59 @@ def test_missing_dependency_makes_a_backend_unavailable(monkeypatch):
     with pytest.raises(normlab.BackendUnavailableError, match="fake"):
         with normlab.backend("fake"):
             pass
+
+
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=5).map(tuple),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    offset=st.sampled_from([0.0, -2.5, 3.0, 1e4]),
+    training=st.booleans(),
+    affine=st.sampled_from(["none", "weight", "both"]),
+    momentum=st.sampled_from([0.0, 0.1, 1.0]),
+)
+def test_batch_norm_matches_reference_and_torch(shape, dtype, seed, offset, training, affine,
+                                                momentum):
+    if training and shape[0] * torch.Size(shape[2:]).numel() == 1:
+        shape = (2,) + shape[1:]
+    if dtype in (torch.float16, torch.bfloat16):
+        offset = min(offset, 3.0)  # a 1e4 offset is below the resolution of these dtypes
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.7 + offset).to(dtype)
+    w = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if affine != "none" else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype) if affine == "both" else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    rm0 = (torch.randn(c, generator=g, dtype=torch.float64) + offset).to(dtype)
+    rv0 = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        rm, rv = rm0.clone(), rv0.clone()
+        with normlab.backend(backend):
+            y = F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, momentum, 1e-5)
+        y.backward(dy)
+        return [y, rm, rv] + [t.grad for t in leaves if t is not None]
+
+    ours = run("cpu")
+    peers = ["reference"] + (["torch"] if dtype in (torch.float32, torch.float64) and offset < 1e3
+                             else [])
+    for peer in peers:
+        for i, (a, e) in enumerate(zip(ours, run(peer))):
+            _assert_close(a, e, TOL[dtype] * (8 if i >= 3 else 1), f"batch_norm vs {peer}, out {i}")
+
+
+def test_batch_norm_fused_path_is_taken_and_layouts_fall_back():
+    from normlab.kernels import cpu
+
+    calls = []
+    real = cpu._BatchNorm.apply
+    cpu._BatchNorm.apply = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        x = torch.randn(4, 3, 5, 5) + 1
+        with normlab.backend("cpu"):
+            F.batch_norm(x, None, None, training=True)
+            F.batch_norm(x.contiguous(memory_format=torch.channels_last), None, None, training=True)
+    finally:
+        cpu._BatchNorm.apply = real
+    assert calls == [(4, 3, 5, 5)]  # contiguous fused, channels_last on the reference engine
