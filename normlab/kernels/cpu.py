@@ -31,21 +31,50 @@ from .reference import BACKEND as _REFERENCE
 # (measured: 4e-3 error at 1e5 + N(0, 1) in fp32 with it, 1e-7 without).
 
 
+@njit(cache=True, inline="always")
+def _sum_shifted(row, shift, delta, square):  # pragma: no cover - compiled
+    """sum of ((row - shift) - delta) (or of its square) in float64, in 8 independent
+    accumulators: the order is fixed by this code, so it vectorizes without reassociation."""
+    d = row.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    j = 0
+    while j + 8 <= d:
+        v0 = (row[j] - shift) - delta
+        v1 = (row[j + 1] - shift) - delta
+        v2 = (row[j + 2] - shift) - delta
+        v3 = (row[j + 3] - shift) - delta
+        v4 = (row[j + 4] - shift) - delta
+        v5 = (row[j + 5] - shift) - delta
+        v6 = (row[j + 6] - shift) - delta
+        v7 = (row[j + 7] - shift) - delta
+        if square:
+            v0, v1, v2, v3 = v0 * v0, v1 * v1, v2 * v2, v3 * v3
+            v4, v5, v6, v7 = v4 * v4, v5 * v5, v6 * v6, v7 * v7
+        a0 += v0
+        a1 += v1
+        a2 += v2
+        a3 += v3
+        a4 += v4
+        a5 += v5
+        a6 += v6
+        a7 += v7
+        j += 8
+    tail = 0.0
+    while j < d:
+        v = (row[j] - shift) - delta
+        tail += v * v if square else v
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) + tail
+
+
 @njit(parallel=True, cache=True)
 def _rows_forward(x, w, b, eps, centered, y, mean, rstd):  # pragma: no cover - compiled
     m, d = x.shape
     for i in prange(m):
         row = x[i]
         shift = row[0] if centered else row[0] * 0  # x - shift is exact near the mean
-        delta = 0.0
-        if centered:
-            for j in range(d):
-                delta += row[j] - shift
-            delta /= d
-        ss = 0.0
-        for j in range(d):
-            c = (row[j] - shift) - delta
-            ss += c * c
+        delta = _sum_shifted(row, shift, 0.0, False) / d if centered else 0.0
+        ss = _sum_shifted(row, shift, delta, True)
         r = 1.0 / math.sqrt(ss / d + eps)
         mean[i] = shift + delta
         rstd[i] = r
