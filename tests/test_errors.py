@@ -367,3 +367,17 @@ def test_dtype_error_is_catchable_as_runtime_error_like_torch_code():
 def test_error_types_are_exported():
     """The exception classes behind the errors are reachable (at least BackendUnavailableError)."""
     assert issubclass(normlab.BackendUnavailableError, RuntimeError)
+
+
+@pytest.mark.parametrize("call", [
+    lambda F, w: F.layer_norm(R(2, 3), (3,), w),
+    lambda F, w: F.group_norm(R(2, 3, 4), 1, w),
+    lambda F, w: F.batch_norm(R(2, 3, 4), None, None, w, training=True),
+], ids=["layer_norm", "group_norm", "batch_norm"])
+def test_integer_weight_is_a_dtype_error(call):
+    w_int = torch.tensor([1, 2, 3])
+    with pytest.raises(Exception):
+        call(TF, w_int)
+    with dtype_error(r"weight") as ei:
+        call(NF, w_int)
+    assert_close(call(NF, w_int.float()), call(TF, w_int.float()), atol=1e-5, rtol=1e-5)
