@@ -34,7 +34,9 @@ Backward (written out, not traced). With :math:`g = \gamma\,\partial L/\partial 
 BatchNorm's eval mode, it is just :math:`\mathrm{rstd}\; g`), and
 :math:`\partial L/\partial\gamma = \sum \partial L/\partial y\,\hat x`,
 :math:`\partial L/\partial\beta = \sum \partial L/\partial y` over every axis the parameters do
-not vary along. Only ``x``, ``weight``, ``mean`` and ``rstd`` are saved for backward.
+not vary along. Only ``x``, ``weight``, ``rstd`` and the mean (as the forward's two centring
+offsets) are saved. The backward is itself differentiable: under ``create_graph=True`` it
+recomputes the statistics from ``x`` with autograd on, so second derivatives are exact.
 """
 from __future__ import annotations
 
@@ -42,7 +44,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,11 @@ class _Normalize(torch.autograd.Function):
             y = y * w
         if b is not None:
             y = y + b
-        ctx.red, ctx.input_stats = red, input_stats
+        ctx.red, ctx.input_stats, ctx.eps, ctx.n_offsets = red, input_stats, eps, len(offsets)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        # The centring offsets (shift, delta), not their rounded sum: backward keeps the
+        # forward's accuracy at large means.
+        ctx.save_for_backward(x, weight, rstd, *offsets)
         # A fresh tensor in x's dtype and layout, not a view of y: outputs of a custom Function
         # that are views cannot be modified in place (nn.ReLU(inplace=True) after a norm).
         out = torch.empty_like(x)
@@ -182,13 +185,18 @@ class _Normalize(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, rstd, *offsets = ctx.saved_tensors
         red = ctx.red
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() and ctx.input_stats:
+            # create_graph=True (double backward, gradient penalties): recompute the statistics
+            # from x with autograd on, so this formula is differentiated through them too.
+            shift, delta, var = moments(x, red)
+            offsets = [] if shift is None else [shift, delta]
+            rstd = (var + ctx.eps).rsqrt()
         g = _view(dy, red)
-        xhat = (_view(x, red) if mean is None else _view(x, red) - mean) * rstd
+        xhat = _center(_view(x, red), *offsets) * rstd
         dx = dw = db = None
         if need_w:
             dw = _sum_over(g * xhat, red.param_dims).reshape(weight.shape).to(weight.dtype)
@@ -200,7 +208,7 @@ class _Normalize(torch.autograd.Function):
             gw = g * w if w is not None else g
             if ctx.input_stats:  # the statistics depend on x: project out their directions
                 inner = (gw * xhat).mean(red.dims, keepdim=True)
-                if mean is not None:
+                if red.centered:
                     gw = gw - gw.mean(red.dims, keepdim=True)
                 gw = gw - xhat * inner
             dx = (gw * rstd).to(x.dtype).reshape(x.shape)

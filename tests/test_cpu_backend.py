@@ -189,3 +189,9 @@ def test_batch_norm_fused_path_is_taken_and_layouts_fall_back():
     finally:
         cpu._BatchNorm.apply = real
     assert calls == [(4, 3, 5, 5)]  # contiguous fused, channels_last on the reference engine
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(3, 5, requires_grad=True)
+    with normlab.backend("cpu"), pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(F.layer_norm(x, 5).pow(2).sum(), x, create_graph=True)

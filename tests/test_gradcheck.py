@@ -93,9 +93,38 @@ def test_without_affine_gradcheck():
         assert gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_double_backward_is_refused_not_wrong():
-    x = _t(3, 4, seed=17)
-    y = F.layer_norm(x, 4)
-    (g,) = torch.autograd.grad((y * y.detach()).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+@pytest.mark.parametrize("name", list(CASES))
+def test_second_derivatives_gradgradcheck(name):
+    """Double backward (gradient penalties) through the hand-written backward."""
+    fn, shape = CASES[name]
+    c = shape[1]
+    x, w, b = _t(*shape, seed=18), _t(c, seed=19), _t(c, seed=20)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_second_derivatives_rows_and_gradient_penalty():
+    x, w, b = _t(3, 5, seed=21), _t(5, seed=22), _t(5, seed=23)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: F.layer_norm(x, 5, w, b), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w: F.rms_norm(x, 5, w), (x, w))
+    # gradient penalty with an upstream gradient that does not require grad (the silent case)
+    (g,) = torch.autograd.grad(F.layer_norm(x, 5).pow(2).sum(), x, create_graph=True)
+    assert g.requires_grad
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+    xt = x.detach().clone().requires_grad_()
+    (gt,) = torch.autograd.grad(
+        torch.nn.functional.layer_norm(xt, [5]).pow(2).sum(), xt, create_graph=True)
+    (ggt,) = torch.autograd.grad(gt.pow(2).sum(), xt)
+    torch.testing.assert_close(gg, ggt)
+
+
+def test_backward_keeps_forward_accuracy_at_large_mean():
+    """Backward recomputes x_hat with the forward's centring offsets, not a rounded mean."""
+    g = torch.Generator().manual_seed(24)
+    x = (1e5 + torch.randn(8, 4, 30, 30, generator=g)).requires_grad_()
+    w = torch.randn(4, generator=g).requires_grad_()
+    dy = torch.randn(x.shape, generator=g)
+    F.batch_norm(x, None, None, w, None, training=True).backward(dy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    torch.nn.functional.batch_norm(xd, None, None, wd, None, training=True).backward(dy.double())
+    assert ((w.grad.double() - wd.grad).abs().max() / wd.grad.abs().max()).item() < 1e-4
+    assert ((x.grad.double() - xd.grad).abs().max() / xd.grad.abs().max()).item() < 1e-4

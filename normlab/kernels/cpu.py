@@ -207,8 +207,8 @@ class _BatchNorm(torch.autograd.Function):
         return torch.from_numpy(y).to(x.dtype).reshape(x.shape), mean_t, var_t
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
+        _no_double_backward()
         x, weight, mean, rstd = ctx.saved_tensors
         acc, c = E.compute_dtype(x.dtype), x.shape[1]
         xs = _np(x.reshape(x.shape[0], c, -1), acc)
@@ -227,6 +227,15 @@ class _BatchNorm(torch.autograd.Function):
             shape, dtype = ctx.bias_meta
             gb = torch.from_numpy(sum_dy).reshape(shape).to(dtype)
         return gx, gw, gb, None, None, None, None
+
+
+def _no_double_backward() -> None:
+    # Grad mode is on inside backward exactly when create_graph=True was asked for.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "normlab's cpu kernels are differentiable once; for create_graph=True (double "
+            "backward, gradient penalties) use normlab.backend('reference')"
+        )
 
 
 def _threads() -> None:
@@ -260,8 +269,8 @@ class _RowNorm(torch.autograd.Function):
         return torch.from_numpy(y).to(x.dtype).reshape(x.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        _no_double_backward()
         x, weight, mean, rstd = ctx.saved_tensors
         d, acc = ctx.d, E.compute_dtype(x.dtype)
         xs, g = _np(x.reshape(-1, d), acc), _np(dy.reshape(-1, d), acc)
