@@ -215,17 +215,13 @@ class _BatchNorm(torch.autograd.Function):
         g = _np(dy.reshape(x.shape[0], c, -1), acc)
         sum_dy, sum_dy_xhat = np.empty(c, xs.dtype), np.empty(c, xs.dtype)
         _channel_grad_sums(xs, g, mean.numpy(), rstd.numpy(), sum_dy, sum_dy_xhat)
-        gx = gw = gb = None
+        gx = None
         if ctx.needs_input_grad[0]:
             dx = np.empty_like(xs)
             _channel_dx(xs, g, mean.numpy(), rstd.numpy(), _param(weight, c, 1.0, acc), sum_dy,
                         sum_dy_xhat, ctx.input_stats, dx)
             gx = torch.from_numpy(dx).to(x.dtype).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            gw = torch.from_numpy(sum_dy_xhat).reshape(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            shape, dtype = ctx.bias_meta
-            gb = torch.from_numpy(sum_dy).reshape(shape).to(dtype)
+        gw, gb = _param_grads(ctx, weight, sum_dy_xhat, sum_dy)
         return gx, gw, gb, None, None, None, None
 
 
@@ -247,8 +243,21 @@ def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _param(p: torch.Tensor | None, d: int, fill: float, dtype: torch.dtype) -> np.ndarray:
-    return np.full(d, fill, dtype=np.float64 if dtype == torch.float64 else np.float32) if (
-        p is None) else _np(p.reshape(d), dtype)
+    """A parameter as a length-d array in the compute dtype; ``fill`` when it is None."""
+    if p is None:
+        return np.full(d, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    return _np(p.reshape(d), dtype)
+
+
+def _param_grads(ctx, weight, dw: np.ndarray, db: np.ndarray):
+    """The weight and bias gradients (or None where not needed) from their summed arrays."""
+    gw = gb = None
+    if ctx.needs_input_grad[1]:
+        gw = torch.from_numpy(dw).reshape(weight.shape).to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        shape, dtype = ctx.bias_meta
+        gb = torch.from_numpy(db).reshape(shape).to(dtype)
+    return gw, gb
 
 
 class _RowNorm(torch.autograd.Function):
@@ -281,12 +290,7 @@ class _RowNorm(torch.autograd.Function):
         _rows_backward(xs, _param(weight, d, 1.0, acc), g, mean.numpy(), rstd.numpy(),
                        ctx.centered, blocks, dx, dw, db)
         gx = torch.from_numpy(dx).to(x.dtype).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        gw = gb = None
-        if ctx.needs_input_grad[1]:
-            gw = torch.from_numpy(dw.sum(0)).reshape(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            shape, dtype = ctx.bias_meta
-            gb = torch.from_numpy(db.sum(0)).reshape(shape).to(dtype)
+        gw, gb = _param_grads(ctx, weight, dw.sum(0), db.sum(0))
         return gx, gw, gb, None, None, None
 
 
