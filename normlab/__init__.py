@@ -1,8 +1,10 @@
 """normlab: deep-learning normalization that is correct, fast and understandable.
 
 * :mod:`normlab.functional` - ``batch_norm``, ``instance_norm``, ``group_norm``, ``layer_norm``,
-  ``rms_norm`` with the signatures and semantics of ``torch.nn.functional``.
-* :mod:`normlab.nn` - drop-in subclasses of the torch modules of the same names.
+  ``rms_norm`` with the signatures and semantics of ``torch.nn.functional``, and
+  ``add_layer_norm``, ``add_rms_norm``: a residual add fused with the norm.
+* :mod:`normlab.nn` - drop-in subclasses of the torch modules of the same names, and
+  ``AddLayerNorm``, ``AddRMSNorm``.
 * :func:`patch` - switch every torch normalization in a model to normlab, in place.
 * :func:`backend` - force a backend (``"reference"``, ``"torch"``) inside a ``with`` block.
 """

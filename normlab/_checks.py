@@ -33,6 +33,28 @@ def floating_input(fn: str, x, min_dim: int, layout: str) -> None:
         )
 
 
+def residual(fn: str, x: torch.Tensor, residual) -> None:
+    """``residual`` is a real floating-point tensor of exactly ``x``'s shape (no broadcasting:
+    a residual stream is never smaller than the branch added to it) on ``x``'s device."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{fn}: expected a torch.Tensor residual, got {type(residual).__name__}")
+    if not residual.is_floating_point():
+        raise DTypeError(
+            f"{fn}: expected a floating-point residual (float16, bfloat16, float32 or float64), "
+            f"got {residual.dtype}; convert it first, e.g. residual.float()"
+        )
+    if _shape(residual) != _shape(x):
+        raise ShapeError(
+            f"{fn}: residual must have exactly the input's shape {_shape(x)} (no broadcasting), "
+            f"got residual of shape {_shape(residual)}"
+        )
+    if residual.device != x.device:
+        raise ArgumentError(
+            f"{fn}: input and residual must be on the same device, got input on {x.device} "
+            f"and residual on {residual.device}"
+        )
+
+
 def _floating_param(fn: str, name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(t).__name__}")

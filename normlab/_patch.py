@@ -61,7 +61,7 @@ def _twin_of(cls: type) -> type | None:
     if cls in TWINS:
         return TWINS[cls]
     base = _torch_base(cls)
-    if base is None or cls in TWINS.values() or "_normlab_patched" in vars(cls):
+    if base is None or _is_normlab(cls):
         return None
     twin = TWINS[base]
     methods = {}
@@ -79,10 +79,13 @@ def _twin_of(cls: type) -> type | None:
     return type(cls.__name__, (cls,), namespace)
 
 
+def _is_normlab(cls: type) -> bool:
+    """Already runs on normlab: a normlab module (or a subclass of one) or a patched class."""
+    return issubclass(cls, tuple(TWINS.values())) or "_normlab_patched" in vars(cls)
+
+
 def _unpatchable(cls: type) -> bool:
-    return _twin_of(cls) is None and _torch_base(cls) is not None and not (
-        cls in TWINS.values() or "_normlab_patched" in vars(cls)
-    )
+    return _twin_of(cls) is None and _torch_base(cls) is not None and not _is_normlab(cls)
 
 
 def patch(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,9 @@ layer_norm     leading index                           the trailing ``normalized
 rms_norm       leading index (no centering)            the trailing ``normalized_shape`` axes
 =============  ======================================  =====================================
 
+``add_layer_norm`` and ``add_rms_norm`` are the transformer hot path: a residual add fused with
+the norm that follows it, returning both the normalized output and the new residual stream.
+
 Statistics are computed in float32 (float64 for float64 inputs) with a two-pass variance;
 the output has the input's dtype. Parameters and running statistics may have another floating
 dtype than the input (torch refuses some of these combinations on CPU).
@@ -28,7 +31,10 @@ from . import _checks
 from ._dispatch import get_backend
 from ._engine import compute_dtype
 
-__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
+__all__ = [
+    "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
+    "add_layer_norm", "add_rms_norm",
+]
 
 
 def batch_norm(
@@ -234,3 +240,102 @@ def rms_norm(
     _checks.same_shape(fn, shape, weight=weight)
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else float(eps)
     return get_backend().rms_norm(input, shape, weight, eps)
+
+
+# --- residual add fused with the norm (pre-norm transformer blocks)
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Residual add fused with RMSNorm: returns ``(output, new_residual)``.
+
+    .. math::
+
+        h = x + r, \qquad y = \frac{h}{\sqrt{\mathrm{E}[h^2] + \epsilon}} \cdot \gamma
+
+    Exactly the unfused ``h = input + residual; y = rms_norm(h, ...)``: ``h`` has the promoted
+    dtype ``torch.result_type(input, residual)`` and is rounded to it, and ``y`` normalizes that
+    rounded ``h`` (so the output and the new residual stream are consistent); ``y`` has ``h``'s
+    dtype. Gradients reach ``input``, ``residual`` and ``weight`` through both outputs. In a
+    pre-norm block, ``y, h = add_rms_norm(attn_out, h, ...)`` replaces two passes over memory
+    by one on backends with a fused kernel.
+
+    Args:
+        input: ``(*, *normalized_shape)`` floating tensor (the branch output).
+        residual: floating tensor of exactly ``input``'s shape (the residual stream; not
+            broadcast), on the same device.
+        normalized_shape: the trailing shape to normalize over (an int for one axis).
+        weight: parameter of shape ``normalized_shape``, or None.
+        eps: added to the mean square. Default None: the machine epsilon of ``h``'s compute
+            dtype, as in :func:`rms_norm`.
+
+    >>> y, h = add_rms_norm(torch.tensor([[0.5, 1., 2.]]), torch.tensor([[0.5, 1., 1.]]), (3,),
+    ...                     eps=1e-8)
+    >>> y, h
+    (tensor([[0.4629, 0.9258, 1.3887]]), tensor([[1., 2., 3.]]))
+    """
+    fn = "add_rms_norm"
+    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
+    _checks.residual(fn, input, residual)
+    shape = _checks.normalized_shape(fn, input, normalized_shape)
+    _checks.same_shape(fn, shape, weight=weight)
+    if eps is None:
+        eps = torch.finfo(compute_dtype(torch.result_type(input, residual))).eps
+    eps = float(eps)
+    backend = get_backend()
+    fused = getattr(backend, "add_rms_norm", None)
+    if fused is not None:
+        return fused(input, residual, shape, weight, eps)
+    h = input + residual
+    return backend.rms_norm(h, shape, weight, eps), h
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Residual add fused with LayerNorm: returns ``(output, new_residual)``.
+
+    .. math::
+
+        h = x + r, \qquad
+        y = \frac{h - \mathrm{E}[h]}{\sqrt{\mathrm{Var}[h] + \epsilon}} \cdot \gamma + \beta
+
+    Exactly the unfused ``h = input + residual; y = layer_norm(h, ...)``: ``h`` has the promoted
+    dtype ``torch.result_type(input, residual)`` and is rounded to it, and ``y`` normalizes that
+    rounded ``h``; ``y`` has ``h``'s dtype. Gradients reach ``input``, ``residual``, ``weight``
+    and ``bias`` through both outputs.
+
+    Args:
+        input: ``(*, *normalized_shape)`` floating tensor (the branch output).
+        residual: floating tensor of exactly ``input``'s shape (the residual stream; not
+            broadcast), on the same device.
+        normalized_shape: the trailing shape to normalize over (an int for one axis).
+        weight, bias: parameters of shape ``normalized_shape``, or None.
+        eps: added to the variance. Default: 1e-5.
+
+    >>> y, h = add_layer_norm(torch.tensor([[1., 1., 1.]]), torch.tensor([[0., 1., 2.]]), (3,))
+    >>> y, h
+    (tensor([[-1.2247,  0.0000,  1.2247]]), tensor([[1., 2., 3.]]))
+    """
+    fn = "add_layer_norm"
+    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
+    _checks.residual(fn, input, residual)
+    shape = _checks.normalized_shape(fn, input, normalized_shape)
+    _checks.same_shape(fn, shape, weight=weight, bias=bias)
+    eps = float(eps)
+    backend = get_backend()
+    fused = getattr(backend, "add_layer_norm", None)
+    if fused is not None:
+        return fused(input, residual, shape, weight, bias, eps)
+    h = input + residual
+    return backend.layer_norm(h, shape, weight, bias, eps), h

@@ -57,5 +57,15 @@ class ReferenceBackend:
         red = E.row_reduction(x.shape, len(normalized_shape), centered=False)
         return E.normalize(x, red, weight, None, eps=eps)[0]
 
+    # The residual add, then the engine on the rounded sum: y and h are consistent, and autograd
+    # carries the gradients of both outputs back through the add.
+    def add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
+        h = x + residual
+        return self.layer_norm(h, normalized_shape, weight, bias, eps), h
+
+    def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
+        h = x + residual
+        return self.rms_norm(h, normalized_shape, weight, eps), h
+
 
 BACKEND = ReferenceBackend()

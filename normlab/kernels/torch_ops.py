@@ -27,5 +27,14 @@ class TorchBackend:
     def rms_norm(self, x, normalized_shape, weight, eps):
         return F.rms_norm(x, normalized_shape, weight, eps)
 
+    # The unfused torch composition, the peer of the fused kernels.
+    def add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
+        h = x + residual
+        return F.layer_norm(h, normalized_shape, weight, bias, eps), h
+
+    def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
+        h = x + residual
+        return F.rms_norm(h, normalized_shape, weight, eps), h
+
 
 BACKEND = TorchBackend()

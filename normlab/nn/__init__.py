@@ -1,12 +1,14 @@
 """Drop-in normalization modules: subclasses of the torch classes of the same names whose
 forward runs on normlab's engine. ``isinstance``, ``state_dict`` keys, ``extra_repr``,
-checkpoint loading and train/eval semantics are torch's own."""
+checkpoint loading and train/eval semantics are torch's own. ``AddLayerNorm`` and ``AddRMSNorm``
+are LayerNorm and RMSNorm with a residual add fused in: ``forward(input, residual)`` returns
+``(output, input + residual)``."""
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
-from .normalization import GroupNorm, LayerNorm, RMSNorm
+from .normalization import AddLayerNorm, AddRMSNorm, GroupNorm, LayerNorm, RMSNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "GroupNorm", "LayerNorm", "RMSNorm",
+    "GroupNorm", "LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm",
 ]

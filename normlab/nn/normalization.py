@@ -1,4 +1,5 @@
-"""LayerNorm, GroupNorm and RMSNorm: torch's classes with the forward computed by normlab."""
+"""LayerNorm, GroupNorm and RMSNorm: torch's classes with the forward computed by normlab; and
+AddLayerNorm and AddRMSNorm, the same modules with the residual add fused in."""
 from __future__ import annotations
 
 import torch
@@ -95,3 +96,78 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class AddLayerNorm(LayerNorm):
+    r"""A residual add fused with Layer Normalization: ``forward(input, residual)`` returns
+    ``(output, new_residual)``.
+
+    .. math::
+
+        h = x + r, \qquad
+        y = \frac{h - \mathrm{E}[h]}{\sqrt{\mathrm{Var}[h] + \epsilon}} \cdot \gamma + \beta
+
+    Exactly ``h = input + residual; y = layer_norm(h)`` (see
+    :func:`normlab.functional.add_layer_norm`). A :class:`LayerNorm` (and so a
+    :class:`torch.nn.LayerNorm`) with the same arguments, parameters and ``state_dict`` keys:
+    a LayerNorm checkpoint loads into it with ``strict=True``, and back.
+
+    Args:
+        normalized_shape: trailing shape to normalize over (an int for the last axis).
+        eps: added to the variance. Default: 1e-5.
+        elementwise_affine: learn :math:`\gamma` (ones) and :math:`\beta` (zeros) of shape
+            ``normalized_shape``. Default: True.
+        bias: with ``elementwise_affine``, learn :math:`\beta` too. Default: True.
+
+    Shape: ``input`` ``(*, *normalized_shape)`` and ``residual`` the same shape; both outputs
+    have that shape and the promoted dtype of the two.
+
+    >>> y, h = AddLayerNorm(3)(torch.tensor([[1., 1., 1.]]), torch.tensor([[0., 1., 2.]]))
+    >>> y.detach(), h
+    (tensor([[-1.2247,  0.0000,  1.2247]]), tensor([[1., 2., 3.]]))
+    """
+
+    # Already computes with normlab: normlab.patch must neither re-wrap it nor warn about it.
+
+    def forward(
+        self, input: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.add_layer_norm(
+            input, residual, self.normalized_shape, self.weight, self.bias, self.eps
+        )
+
+
+class AddRMSNorm(RMSNorm):
+    r"""A residual add fused with RMSNorm: ``forward(input, residual)`` returns
+    ``(output, new_residual)``.
+
+    .. math::
+
+        h = x + r, \qquad y = \frac{h}{\sqrt{\mathrm{E}[h^2] + \epsilon}} \cdot \gamma
+
+    Exactly ``h = input + residual; y = rms_norm(h)`` (see
+    :func:`normlab.functional.add_rms_norm`). An :class:`RMSNorm` (and so a
+    :class:`torch.nn.RMSNorm`) with the same arguments, parameters and ``state_dict`` keys:
+    an RMSNorm checkpoint loads into it with ``strict=True``, and back.
+
+    Args:
+        normalized_shape: trailing shape to normalize over (an int for the last axis).
+        eps: added to the mean square. Default None: the machine epsilon of the compute dtype
+            of ``h`` (float32's for float32/float16/bfloat16, float64's for float64).
+        elementwise_affine: learn :math:`\gamma` (ones) of shape ``normalized_shape``.
+            Default: True.
+
+    Shape: ``input`` ``(*, *normalized_shape)`` and ``residual`` the same shape; both outputs
+    have that shape and the promoted dtype of the two.
+
+    >>> y, h = AddRMSNorm(3, eps=1e-8)(torch.tensor([[0.5, 1., 2.]]), torch.tensor([[0.5, 1., 1.]]))
+    >>> y.detach(), h
+    (tensor([[0.4629, 0.9258, 1.3887]]), tensor([[1., 2., 3.]]))
+    """
+
+    # Already computes with normlab: normlab.patch must neither re-wrap it nor warn about it.
+
+    def forward(
+        self, input: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps)
