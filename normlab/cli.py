@@ -1,4 +1,4 @@
-"""``normlab`` command line: ``normlab demo`` (more subcommands arrive with the lab and bench)."""
+"""``normlab`` command line: ``normlab demo`` and ``normlab bench`` (the lab arrives later)."""
 from __future__ import annotations
 
 import argparse
@@ -56,10 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="each norm on the classic 3x3 example, next to torch.nn")
+    from .bench import cli as bench_cli
+
+    bench = sub.add_parser(
+        "bench", help="time normlab against torch eager and torch.compile on realistic shapes",
+        description="Time every norm x layout x dtype, forward and forward+backward, against"
+        " torch eager and torch.compile, round-robin in one run; report ms, GB/s and the"
+        " fraction of the machine's copy bandwidth (markdown on stdout, CSV with --out).")
+    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "demo":
         worst = demo()
         return 0 if worst < 1e-5 else 1
+    if args.command == "bench":
+        return bench_cli.main(args, bench)
     return 2
 
 
