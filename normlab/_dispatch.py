@@ -7,7 +7,12 @@ implement exactly the semantics of the torch function of the same name, includin
 running-statistics updates.
 
 The choice is read on every call (a :class:`contextvars.ContextVar`, so it is per thread and per
-asyncio task), never captured at import time.
+asyncio task), never captured at import time. Unforced, the choice is ``"auto"``: the fused
+``cpu`` kernels for CPU tensors (when Numba is installed), the ``reference`` engine elsewhere
+(GPU tensors, until the Triton kernels land).
+
+Backends may also offer ``add_layer_norm`` and ``add_rms_norm`` (residual add fused with the
+norm); :mod:`normlab.functional` composes ``x + residual`` and the norm for those that don't.
 """
 from __future__ import annotations
 
@@ -17,13 +22,15 @@ import importlib
 import importlib.util
 from typing import Iterator
 
+import torch
+
 from ._errors import BackendUnavailableError
 
 # name -> "module:attribute" of the backend object, imported on first use.
 _KNOWN = {
     "reference": "normlab.kernels.reference:BACKEND",
     "torch": "normlab.kernels.torch_ops:BACKEND",
-    "cpu": "normlab.kernels.cpu:BACKEND",  # fused Numba kernels (rows so far), needs numba
+    "cpu": "normlab.kernels.cpu:BACKEND",  # fused Numba kernels, needs numba
     "triton": None,  # GPU kernels: not built yet
 }
 _REQUIRES = {"cpu": "numba", "triton": "triton"}  # the import a backend cannot run without
@@ -65,30 +72,63 @@ def available_backends() -> list[str]:
 
 
 def current_backend() -> str:
-    """The backend the next call will use: the forced one, else the default (``"reference"``)."""
-    return _forced.get() or "reference"
+    """The forced backend's name, or ``"auto"`` when none is forced (the default)."""
+    return _forced.get() or "auto"
 
 
-def get_backend():
-    """The backend object for the next call."""
-    return _load(current_backend())
+_numba: list[bool] = []  # whether numba can be imported, looked up once
+
+
+def auto_backend(x: torch.Tensor | None) -> str:
+    """The backend ``"auto"`` picks for input ``x``: ``"cpu"`` for CPU tensors when Numba is
+    installed, else ``"reference"``."""
+    if not _numba:
+        _numba.append(importlib.util.find_spec("numba") is not None)
+    return "cpu" if x is not None and x.device.type == "cpu" and _numba[0] else "reference"
+
+
+def get_backend(x: torch.Tensor | None = None):
+    """The backend object for a call on input ``x``: the forced one, else ``auto_backend(x)``.
+
+    Under ``torch.compile``, dynamo cannot read the ContextVar; it reads ``_forced_name``, a
+    module-level mirror of the innermost forced backend, and guards on it, so a compiled function
+    recompiles when the choice changes. (The mirror is process-wide: threads compiling under
+    different forced backends at the same time may see each other's choice.)"""
+    if torch.compiler.is_compiling():
+        return _loaded[_forced_name or _auto_name(x is not None and x.device.type == "cpu")]
+    return _load(_forced.get() or auto_backend(x))
+
+
+@torch.compiler.assume_constant_result
+def _auto_name(on_cpu: bool) -> str:
+    """``auto_backend``'s choice for a CPU tensor or not, loaded (a constant for dynamo)."""
+    name = auto_backend(torch.empty(0) if on_cpu else None)
+    _load(name)
+    return name
+
+
+_forced_name: str | None = None
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
     """Force every normlab normalization inside the ``with`` block to run on backend ``name``.
 
-    ``"reference"`` is normlab's own readable engine (the oracle of the tests), ``"torch"`` runs
-    ATen's kernels (``torch.nn.functional``) as a peer. An unknown name raises ``ValueError``; a
+    ``"cpu"`` runs the fused Numba kernels (the default for CPU tensors), ``"reference"``
+    normlab's own readable engine (the oracle of the tests), ``"torch"`` ATen's kernels
+    (``torch.nn.functional``) as a peer. An unknown name raises ``ValueError``; a
     known backend that cannot run here raises :class:`BackendUnavailableError`.
 
     >>> import torch, normlab
     >>> with normlab.backend("torch"):
     ...     y = normlab.functional.layer_norm(torch.ones(2, 3), (3,))
     """
+    global _forced_name
     _load(name)  # fail on entering, not at the first call inside
-    token = _forced.set(name)
+    token, outer = _forced.set(name), _forced_name
+    _forced_name = name
     try:
         yield name
     finally:
         _forced.reset(token)
+        _forced_name = outer

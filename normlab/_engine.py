@@ -65,7 +65,7 @@ class Reduction:
     @property
     def count(self) -> int:
         """Number of elements that share one statistic (m above)."""
-        return math.prod(self.view[d] for d in self.dims)
+        return math.prod([self.view[d] for d in self.dims])  # a list: dynamo traces it
 
     @property
     def param_dims(self) -> tuple[int, ...]:

@@ -89,7 +89,7 @@ def batch_norm(
             fn, "in evaluation mode (training=False)",
             running_mean=running_mean, running_var=running_var,
         )
-    return get_backend().batch_norm(
+    return get_backend(input).batch_norm(
         input, running_mean, running_var, weight, bias, bool(training),
         _checks.momentum(fn, momentum), eps,
     )
@@ -136,7 +136,7 @@ def instance_norm(
         _checks.given(
             fn, "when use_input_stats=False", running_mean=running_mean, running_var=running_var
         )
-    return get_backend().instance_norm(
+    return get_backend(input).instance_norm(
         input, running_mean, running_var, weight, bias, bool(use_input_stats),
         _checks.momentum(fn, momentum), float(eps),
     )
@@ -170,7 +170,7 @@ def group_norm(
     _checks.floating_input(fn, input, 2, "(N, C, *)")
     _checks.groups(fn, num_groups, input.shape[1])
     _checks.per_channel(fn, input, weight=weight, bias=bias)
-    return get_backend().group_norm(input, num_groups, weight, bias, float(eps))
+    return get_backend(input).group_norm(input, num_groups, weight, bias, float(eps))
 
 
 def layer_norm(
@@ -205,7 +205,7 @@ def layer_norm(
     _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
     shape = _checks.normalized_shape(fn, input, normalized_shape)
     _checks.same_shape(fn, shape, weight=weight, bias=bias)
-    return get_backend().layer_norm(input, shape, weight, bias, float(eps))
+    return get_backend(input).layer_norm(input, shape, weight, bias, float(eps))
 
 
 def rms_norm(
@@ -239,7 +239,7 @@ def rms_norm(
     shape = _checks.normalized_shape(fn, input, normalized_shape)
     _checks.same_shape(fn, shape, weight=weight)
     eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else float(eps)
-    return get_backend().rms_norm(input, shape, weight, eps)
+    return get_backend(input).rms_norm(input, shape, weight, eps)
 
 
 # --- residual add fused with the norm (pre-norm transformer blocks)
@@ -287,7 +287,7 @@ def add_rms_norm(
     if eps is None:
         eps = torch.finfo(compute_dtype(torch.result_type(input, residual))).eps
     eps = float(eps)
-    backend = get_backend()
+    backend = get_backend(input)
     fused = getattr(backend, "add_rms_norm", None)
     if fused is not None:
         return fused(input, residual, shape, weight, eps)
@@ -333,7 +333,7 @@ def add_layer_norm(
     shape = _checks.normalized_shape(fn, input, normalized_shape)
     _checks.same_shape(fn, shape, weight=weight, bias=bias)
     eps = float(eps)
-    backend = get_backend()
+    backend = get_backend(input)
     fused = getattr(backend, "add_layer_norm", None)
     if fused is not None:
         return fused(input, residual, shape, weight, bias, eps)

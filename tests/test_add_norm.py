@@ -338,7 +338,7 @@ def test_dispatch_fused_method_or_fallback(monkeypatch):
     x, r = rand((2, 3, 4), 1, F32, 1.0, 0.5), rand((2, 3, 4), 2, F64, 1.0, 1.0)
     # a backend without the fused methods: h = x + r, then its own norm on h
     plain = _Plain()
-    monkeypatch.setattr(NF, "get_backend", lambda: plain)
+    monkeypatch.setattr(NF, "get_backend", lambda *_: plain)
     y, h = NF.add_rms_norm(x, r, [3, 4])
     name, h_seen, ns, eps = plain.calls[-1]
     assert name == "rms_norm" and ns == (3, 4) and eps == torch.finfo(F64).eps
@@ -349,7 +349,7 @@ def test_dispatch_fused_method_or_fallback(monkeypatch):
     assert name == "layer_norm" and ns == (4,) and eps == 1e-3 and torch.equal(h_seen, x + r)
     # a backend with them gets canonical arguments (normalized_shape a tuple, eps a float)
     fused = _Fused()
-    monkeypatch.setattr(NF, "get_backend", lambda: fused)
+    monkeypatch.setattr(NF, "get_backend", lambda *_: fused)
     assert NF.add_rms_norm(x.float(), r.float(), 4) == "fused-rms"
     assert fused.calls[-1] == ("add_rms_norm", (4,), torch.finfo(F32).eps)
     assert NF.add_layer_norm(x, r, [3, 4], eps=1) == "fused-layer"
@@ -510,3 +510,14 @@ def test_layer_bias_errors_and_module_errors():
     with pytest.raises(TypeError):
         nlnn.AddLayerNorm(4)(_x((2, 4)))  # the residual is required
     assert math.isfinite(float(nlnn.AddLayerNorm(4)(_x(), _x())[0].detach().sum()))
+
+
+@pytest.mark.parametrize("backend", normlab.available_backends())
+def test_new_residual_does_not_depend_on_the_parameters(backend):
+    x, r = torch.randn(4, 6) + 1, torch.randn(4, 6)
+    w, b = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+    with normlab.backend(backend):
+        y1, h1 = NF.add_layer_norm(x, r, 6, w, b)
+        y2, h2 = NF.add_rms_norm(x, r, 6, w)
+    assert y1.requires_grad and y2.requires_grad
+    assert not h1.requires_grad and not h2.requires_grad  # as unfused x + r

@@ -675,8 +675,13 @@ def _current_backend():
     return normlab.current_backend()
 
 
-def test_default_backend_is_reference():
-    assert _current_backend() == "reference"
+def test_default_backend_is_auto():
+    assert _current_backend() == "auto"
+    from normlab._dispatch import auto_backend
+
+    has_numba = importlib.util.find_spec("numba") is not None
+    assert auto_backend(torch.ones(1)) == ("cpu" if has_numba else "reference")
+    assert auto_backend(torch.ones(1, device="meta")) == "reference"
 
 
 def _one_of_each(seed, dtype):
@@ -720,7 +725,7 @@ def test_torch_backend_is_identical_to_torch(dtype):
             assert torch.equal(gn[k], gt[k]), f"{name}: backend('torch') {k} differs from torch"
         for k in bt:
             assert torch.equal(bn[k], bt[k]), f"{name}: backend('torch') {k} differs from torch"
-        assert _current_backend() == "reference"
+        assert _current_backend() == "auto"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -743,11 +748,11 @@ def test_backend_errors():
         with pytest.raises(normlab.BackendUnavailableError):
             with normlab.backend(name):
                 pass
-        assert _current_backend() == "reference"
+        assert _current_backend() == "auto"
     with pytest.raises(ValueError):
         with normlab.backend("no-such-backend"):
             pass
-    assert _current_backend() == "reference"
+    assert _current_backend() == "auto"
     # the forced backend is restored after an exception inside the block, and nesting works
     with pytest.raises(KeyError):
         with normlab.backend("torch"):
@@ -755,4 +760,4 @@ def test_backend_errors():
                 assert _current_backend() == "reference"
             assert _current_backend() == "torch"
             raise KeyError("boom")
-    assert _current_backend() == "reference"
+    assert _current_backend() == "auto"
