@@ -157,6 +157,31 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
 # --- rows: one statistic per row of x (M, D); parameters per channel, D / seg channels a row
 
 
+@njit(cache=True, inline="always", fastmath=_FM)
+def _normalize_row(row, w, b, seg, eps, centered, out, stats, i, acc):  # pragma: no cover
+    """Statistics of one row into stats[:, i], then out = ((row - shift) - delta) * rstd * w + b
+    (w, b: this row's parameters, one per element or per segment of ``seg``)."""
+    d = row.shape[0]
+    s = row[0] if centered else row.dtype.type(0)
+    s1, s2 = _moments(row, s, acc)
+    mu = s1 / d if centered else 0.0
+    v = max(s2 / d - mu * mu, 0.0)
+    stats[0, i] = s
+    stats[1, i] = mu
+    stats[2, i] = 1.0 / math.sqrt(v + eps)
+    stats[3, i] = v
+    sh, de, r = stats[0, i], stats[1, i], stats[2, i]  # rounded to x's dtype
+    if seg == 1:
+        for j in range(d):
+            out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
+    else:
+        for c in range(d // seg):
+            a, bb = r * w[c], b[c]
+            xc, oc = row[c * seg:(c + 1) * seg], out[c * seg:(c + 1) * seg]
+            for j in range(seg):
+                oc[j] = ((xc[j] - sh) - de) * a + bb
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def rows_forward(x, res, w, b, seg, eps, centered, y, h, stats):  # pragma: no cover
     """stats (4, M) receives shift, delta, rstd, var (mean square when not centered).
@@ -172,35 +197,17 @@ def rows_forward(x, res, w, b, seg, eps, centered, y, h, stats):  # pragma: no c
     for t in prange(blocks):
         acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            row = x[i]
+            # slices, then indices straight from range(): Numba's negative-index handling of
+            # a computed index like base + j would stop LLVM from vectorizing the loops
+            base = (i % kk) * cpr
+            wr, br = w[base:base + cpr], b[base:base + cpr]
             if add:
                 xr, rr, hr = x[i], res[i], h[i]
                 for j in range(d):
                     hr[j] = xr[j] + rr[j]
-                row = hr
-            s = row[0] if centered else row.dtype.type(0)
-            s1, s2 = _moments(row, s, acc)
-            mu = s1 / d if centered else 0.0
-            v = max(s2 / d - mu * mu, 0.0)
-            stats[0, i] = s
-            stats[1, i] = mu
-            stats[2, i] = 1.0 / math.sqrt(v + eps)
-            stats[3, i] = v
-            sh, de, r = stats[0, i], stats[1, i], stats[2, i]  # rounded to x's dtype
-            out = y[i]
-            base = (i % kk) * cpr
-            # slices, then indices straight from range(): Numba's negative-index handling of
-            # a computed index like base + j would stop LLVM from vectorizing the loop
-            if seg == 1:
-                wr, br = w[base:base + d], b[base:base + d]
-                for j in range(d):
-                    out[j] = ((row[j] - sh) - de) * (r * wr[j]) + br[j]
+                _normalize_row(hr, wr, br, seg, eps, centered, y[i], stats, i, acc)
             else:
-                for c in range(cpr):
-                    a, bb = r * w[base + c], b[base + c]
-                    xc, oc = row[c * seg:(c + 1) * seg], out[c * seg:(c + 1) * seg]
-                    for j in range(seg):
-                        oc[j] = ((xc[j] - sh) - de) * a + bb
+                _normalize_row(x[i], wr, br, seg, eps, centered, y[i], stats, i, acc)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
