@@ -648,13 +648,14 @@ def count_kernels(monkeypatch):
     return start
 
 
-# norm, shape, layout -> the kernel family that must run: contiguous rows, (N, C, L) per-channel
+# norm, shape, layout -> the kernel family that must run: contiguous rows (per-element parameters),
+# rows of per-channel segments (GroupNorm/InstanceNorm on NCHW), (N, C, L) per-channel
 # statistics, or channels innermost (P, R, C) straight on the input's memory
 KERNEL_PATHS = [
     ("layer", (3, 4, 5, 6), "contiguous", "rows"),
     ("rms", (3, 4, 5, 6), "contiguous", "rows"),
-    ("group", (3, 4, 5, 6), "contiguous", "rows"),
-    ("instance", (3, 4, 5, 6), "contiguous", "rows"),
+    ("group", (3, 4, 5, 6), "contiguous", "segments"),
+    ("instance", (3, 4, 5, 6), "contiguous", "segments"),
     ("batch_train", (3, 4, 5, 6), "contiguous", "nchw"),
     ("batch_eval", (3, 4, 5, 6), "contiguous", "nchw"),
     ("instance_eval", (3, 4, 5, 6), "contiguous", "nchw"),
@@ -673,7 +674,7 @@ KERNEL_PATHS = [
     ("layer", (3, 4, 10), "channels_last", "rows"),  # copied to rows
     ("rms", (3, 4, 5, 6), "channels_last", "rows"),
     ("layer", (3, 4, 5, 6), "strided", "rows"),  # not dense: copied first
-    ("group", (3, 4, 5, 6), "strided", "rows"),
+    ("group", (3, 4, 5, 6), "strided", "segments"),
     ("batch_train", (3, 4, 5, 6), "strided", "nchw"),
     ("batch_train", (3, 4, 5, 6), "permuted", "nchw"),
 ]

@@ -50,7 +50,7 @@ _L = 32  # accumulator lanes: a multiple of the AVX width that the loop vectoriz
 _B = 8  # lane-rows (of _L elements) summed in the input's dtype before joining a float64 total
 
 
-@njit(cache=True, inline="always", fastmath=_FM)
+@njit(cache=True, fastmath=_FM)
 def _moments(seg, s, acc):  # pragma: no cover
     """(sum v, sum v^2) over ``seg`` of v = seg - s, s a value of seg's dtype (its sample).
 
@@ -84,7 +84,7 @@ def _moments(seg, s, acc):  # pragma: no cover
     return t1, t2
 
 
-@njit(cache=True, inline="always", fastmath=_FM)
+@njit(cache=True, fastmath=_FM)
 def _grad_moments(seg, g, sh, de, r, acc):  # pragma: no cover
     """(sum g * xhat, sum g) over one segment, xhat = ((seg - sh) - de) * r; lanes and
     blocks as in :func:`_moments`."""
@@ -114,7 +114,7 @@ def _grad_moments(seg, g, sh, de, r, acc):  # pragma: no cover
     return t1, t2
 
 
-@njit(cache=True, inline="always", fastmath=_FM)
+@njit(cache=True, fastmath=_FM)
 def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
     """LayerNorm-style row (per-element parameters): add g * xhat and g into ``dwt``/``dbt``
     (the block's partial parameter gradients) and return (sum g w xhat, sum g w) in float64;
@@ -157,10 +157,9 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
 # --- rows: one statistic per row of x (M, D); parameters per channel, D / seg channels a row
 
 
-@njit(cache=True, inline="always", fastmath=_FM)
-def _normalize_row(row, w, b, seg, eps, centered, out, stats, i, acc):  # pragma: no cover
-    """Statistics of one row into stats[:, i], then out = ((row - shift) - delta) * rstd * w + b
-    (w, b: this row's parameters, one per element or per segment of ``seg``)."""
+@njit(cache=True, fastmath=_FM)
+def _row_stats(row, eps, centered, stats, i, acc):  # pragma: no cover
+    """Statistics of one row into stats[:, i]; returns (shift, delta, rstd) in row's dtype."""
     d = row.shape[0]
     s = row[0] if centered else row.dtype.type(0)
     s1, s2 = _moments(row, s, acc)
@@ -170,51 +169,102 @@ def _normalize_row(row, w, b, seg, eps, centered, out, stats, i, acc):  # pragma
     stats[1, i] = mu
     stats[2, i] = 1.0 / math.sqrt(v + eps)
     stats[3, i] = v
-    sh, de, r = stats[0, i], stats[1, i], stats[2, i]  # rounded to x's dtype
-    if seg == 1:
-        for j in range(d):
-            out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
-    else:
-        for c in range(d // seg):
-            a, bb = r * w[c], b[c]
-            xc, oc = row[c * seg:(c + 1) * seg], out[c * seg:(c + 1) * seg]
-            for j in range(seg):
-                oc[j] = ((xc[j] - sh) - de) * a + bb
+    return stats[0, i], stats[1, i], stats[2, i]  # rounded to x's dtype
+
+
+# Kernels are split by path (per-element parameters, residual, per-channel segments) so that a
+# first call compiles only what it runs: the first LayerNorm forward took 7 s with one kernel
+# holding all three paths (helpers inlined into it), 3-4 s now on the 2-core VM (about 1 s of it
+# Numba's one-time setup). Later processes load the kernels from Numba's on-disk cache.
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def rows_forward(x, res, w, b, seg, eps, centered, y, h, stats):  # pragma: no cover
-    """stats (4, M) receives shift, delta, rstd, var (mean square when not centered).
-    Row i, element j has channel ``(i % K) * (D // seg) + j // seg``, K = len(w) / (D / seg).
-    With a residual ``res`` (M, D) (else shape (0, 0)), the rows normalized are
-    ``h = x + res``, written to ``h`` in the same pass."""
+def rows_forward(x, w, b, eps, centered, y, stats):  # pragma: no cover
+    """LayerNorm/RMSNorm rows x (M, D), parameters per element (w, b of length D).
+    stats (4, M) receives shift, delta, rstd, var (the mean square when not centered)."""
+    m, d = x.shape
+    blocks = min(m, 256)
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, x.dtype)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            row, out = x[i], y[i]
+            sh, de, r = _row_stats(row, eps, centered, stats, i, acc)
+            for j in range(d):
+                out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def rows_add_forward(x, res, w, b, eps, centered, y, h, stats):  # pragma: no cover
+    """:func:`rows_forward` of h = x + res, h written in the same pass."""
+    m, d = x.shape
+    blocks = min(m, 256)
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, x.dtype)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            xr, rr, row, out = x[i], res[i], h[i], y[i]
+            for j in range(d):
+                row[j] = xr[j] + rr[j]
+            sh, de, r = _row_stats(row, eps, centered, stats, i, acc)
+            for j in range(d):
+                out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
+    """GroupNorm/InstanceNorm on NCHW: rows x (M, D) of D / seg channels of seg elements each;
+    row i, segment c has channel (i % K) * (D / seg) + c, K = len(w) / (D / seg)."""
     m, d = x.shape
     cpr = d // seg
     kk = w.shape[0] // cpr
     blocks = min(m, 256)
     per = (m + blocks - 1) // blocks
-    add = res.shape[0] > 0
     for t in prange(blocks):
         acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            # slices, then indices straight from range(): Numba's negative-index handling of
-            # a computed index like base + j would stop LLVM from vectorizing the loops
+            row, out = x[i], y[i]
+            sh, de, r = _row_stats(row, eps, True, stats, i, acc)
             base = (i % kk) * cpr
-            wr, br = w[base:base + cpr], b[base:base + cpr]
-            if add:
-                xr, rr, hr = x[i], res[i], h[i]
-                for j in range(d):
-                    hr[j] = xr[j] + rr[j]
-                _normalize_row(hr, wr, br, seg, eps, centered, y[i], stats, i, acc)
-            else:
-                _normalize_row(x[i], wr, br, seg, eps, centered, y[i], stats, i, acc)
+            for c in range(cpr):
+                a, bb = r * w[base + c], b[base + c]
+                # slices, then indices straight from range(): Numba's negative-index handling
+                # of a computed index (c * seg + j) would stop LLVM from vectorizing
+                xc, oc = row[c * seg:(c + 1) * seg], out[c * seg:(c + 1) * seg]
+                for j in range(seg):
+                    oc[j] = ((xc[j] - sh) - de) * a + bb
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def rows_backward(x, w, dy, dh, stats, seg, centered, dx, dw_part, db_part):  # pragma: no cover
+def rows_backward(x, w, dy, dh, stats, centered, dx, dw_part, db_part):  # pragma: no cover
     """dx = rstd (g w - <g w> - xhat <g w xhat>) per row (no <g w> when not centered), plus
     ``dh`` (M, D) when given (the residual stream's own gradient; else shape (0, 0));
-    dw_part/db_part (blocks, len(w)) receive per-block sums of g xhat and g."""
+    dw_part/db_part (blocks, D) receive per-block sums of g xhat and g."""
+    m, d = x.shape
+    blocks = dw_part.shape[0]
+    per = (m + blocks - 1) // blocks
+    add = dh.shape[0] > 0
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, x.dtype)
+        cs = np.empty(2, x.dtype)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            row, g, out = x[i], dy[i], dx[i]
+            sh, de, r = stats[0, i], stats[1, i], stats[2, i]
+            c1, c2 = _row_grads(row, g, w, sh, de, r, dw_part[t], db_part[t], acc)
+            cs[0] = c1 / d
+            cs[1] = c2 / d if centered else 0.0
+            k1, k2 = cs[0], cs[1]  # x's dtype
+            for j in range(d):
+                out[j] = r * (g[j] * w[j] - k2 - (((row[j] - sh) - de) * r) * k1)
+            if add:
+                hr = dh[i]
+                for j in range(d):
+                    out[j] += hr[j]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def segments_backward(x, w, dy, stats, seg, dx, dw_part, db_part):  # pragma: no cover
+    """The backward of :func:`segments_forward`; dw_part/db_part (blocks, len(w))."""
     m, d = x.shape
     cpr = d // seg
     kk = w.shape[0] // cpr
@@ -227,37 +277,24 @@ def rows_backward(x, w, dy, dh, stats, seg, centered, dx, dw_part, db_part):  # 
             row, g, out = x[i], dy[i], dx[i]
             sh, de, r = stats[0, i], stats[1, i], stats[2, i]
             base = (i % kk) * cpr
-            if seg == 1:
-                c1, c2 = _row_grads(row, g, w[base:base + d], sh, de, r,
-                                    dw_part[t, base:base + d], db_part[t, base:base + d], acc)
-            else:
-                c1 = 0.0
-                c2 = 0.0
-                for c in range(cpr):
-                    p1, p2 = _grad_moments(row[c * seg:(c + 1) * seg], g[c * seg:(c + 1) * seg],
-                                           sh, de, r, acc)
-                    dw_part[t, base + c] += p1
-                    db_part[t, base + c] += p2
-                    c1 += w[base + c] * p1
-                    c2 += w[base + c] * p2
+            c1 = 0.0
+            c2 = 0.0
+            for c in range(cpr):
+                p1, p2 = _grad_moments(row[c * seg:(c + 1) * seg], g[c * seg:(c + 1) * seg],
+                                       sh, de, r, acc)
+                dw_part[t, base + c] += p1
+                db_part[t, base + c] += p2
+                c1 += w[base + c] * p1
+                c2 += w[base + c] * p2
             cs[0] = c1 / d
-            cs[1] = c2 / d if centered else 0.0
+            cs[1] = c2 / d
             k1, k2 = cs[0], cs[1]  # x's dtype
-            if dh.shape[0] > 0:
-                wr, hr = w[base:base + d], dh[i]
-                for j in range(d):
-                    out[j] = r * (g[j] * wr[j] - k2 - (((row[j] - sh) - de) * r) * k1) + hr[j]
-            elif seg == 1:
-                wr = w[base:base + d]
-                for j in range(d):
-                    out[j] = r * (g[j] * wr[j] - k2 - (((row[j] - sh) - de) * r) * k1)
-            else:
-                for c in range(cpr):
-                    wc = w[base + c]
-                    lo, hi = c * seg, (c + 1) * seg
-                    xc, gc, oc = row[lo:hi], g[lo:hi], out[lo:hi]
-                    for j in range(seg):
-                        oc[j] = r * (gc[j] * wc - k2 - (((xc[j] - sh) - de) * r) * k1)
+            for c in range(cpr):
+                wc = w[base + c]
+                lo, hi = c * seg, (c + 1) * seg
+                xc, gc, oc = row[lo:hi], g[lo:hi], out[lo:hi]
+                for j in range(seg):
+                    oc[j] = r * (gc[j] * wc - k2 - (((xc[j] - sh) - de) * r) * k1)
 
 
 # --- nchw: one statistic per channel of x (N, C, L), over N and L (BatchNorm)

@@ -185,10 +185,10 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     xs, ys, st = _kernel_array(xk, layout, shape), _kernel_array(yk, layout, shape), stats.numpy()
     npar = _nparams(x, kind, groups)
     w, b = _vec(weight, npar, 1.0, acc), _vec(bias, npar, 0.0, acc)
-    if layout == "rows":
-        seg = 1 if kind in ("layer", "rms") else shape[1] // (x.shape[1] // groups)
-        K.rows_forward(xs, _NONE[xs.dtype], w, b, seg, eps, kind != "rms", ys, _NONE[xs.dtype],
-                       st)
+    if layout == "rows" and kind in ("layer", "rms"):
+        K.rows_forward(xs, w, b, eps, kind != "rms", ys, st)
+    elif layout == "rows":
+        K.segments_forward(xs, w, b, shape[1] // (x.shape[1] // groups), eps, ys, st)
     elif var is not None:  # given statistics, per channel
         st[0] = _vec(mean, npar, 0.0, acc)
         st[1] = 0
@@ -278,13 +278,15 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     dxs = _kernel_array(dxk, layout, shape) if need_dx else np.empty((0,) * len(shape), xs.dtype)
     w = _vec(weight, npar, 1.0, acc)
     if layout == "rows":
-        seg = 1 if kind in ("layer", "rms") else shape[1] // (x.shape[1] // groups)
         blocks = max(1, min(_BLOCKS, shape[0]))
         # per-block partials in x's dtype (a few hundred rows each), summed in float64
         dw, db = np.zeros((blocks, npar), xs.dtype), np.zeros((blocks, npar), xs.dtype)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
-        dhs = _NONE[xs.dtype] if dh is None else dh.to(acc).contiguous().view(shape).numpy()
-        K.rows_backward(xs, w, gs, dhs, st, seg, kind != "rms", out, dw, db)
+        if kind in ("layer", "rms"):
+            dhs = _NONE[xs.dtype] if dh is None else dh.to(acc).contiguous().view(shape).numpy()
+            K.rows_backward(xs, w, gs, dhs, st, kind != "rms", out, dw, db)
+        else:
+            K.segments_backward(xs, w, gs, st, shape[1] // (x.shape[1] // groups), out, dw, db)
         dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
     elif layout == "nchw":
         dw, db = np.empty(npar), np.empty(npar)
@@ -401,9 +403,9 @@ def cpu_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
     y, h = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
     stats = torch.empty((4, shape[0]), dtype=x.dtype)
     npar = shape[1]
-    K.rows_forward(xs, rs, _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype), 1,
-                   eps, kind != "rms", y.view(shape).numpy(), h.view(shape).numpy(),
-                   stats.numpy())
+    K.rows_add_forward(xs, rs, _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype),
+                       eps, kind != "rms", y.view(shape).numpy(), h.view(shape).numpy(),
+                       stats.numpy())
     return y, h, stats
 
 
