@@ -178,6 +178,65 @@ def _row_stats(row, eps, centered, stats, i, acc):  # pragma: no cover
 # Numba's one-time setup). Later processes load the kernels from Numba's on-disk cache.
 
 
+@njit(cache=True, fastmath=_FM)
+def _row(row, w, b, eps, centered, out, stats, i, acc):  # pragma: no cover
+    """One LayerNorm/RMSNorm row: statistics into stats[:, i], then out."""
+    sh, de, r = _row_stats(row, eps, centered, stats, i, acc)
+    for j in range(row.shape[0]):
+        out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
+
+
+@njit(cache=True, fastmath=_FM)
+def _segments(row, w, b, seg, eps, out, stats, i, acc):  # pragma: no cover
+    """One row of D / seg channel segments (w, b: this row's channels): stats, then out."""
+    sh, de, r = _row_stats(row, eps, True, stats, i, acc)
+    for c in range(row.shape[0] // seg):
+        a, bb = r * w[c], b[c]
+        # slices, then indices straight from range(): Numba's negative-index handling of a
+        # computed index (c * seg + j) would stop LLVM from vectorizing
+        xc, oc = row[c * seg:(c + 1) * seg], out[c * seg:(c + 1) * seg]
+        for j in range(seg):
+            oc[j] = ((xc[j] - sh) - de) * a + bb
+
+
+@njit(cache=True, fastmath=_FM)
+def _row_backward(row, g, w, stats, i, centered, out, dwt, dbt, acc, cs):  # pragma: no cover
+    """dx of one LayerNorm/RMSNorm row into out; g xhat and g added into dwt, dbt."""
+    d = row.shape[0]
+    sh, de, r = stats[0, i], stats[1, i], stats[2, i]
+    c1, c2 = _row_grads(row, g, w, sh, de, r, dwt, dbt, acc)
+    cs[0] = c1 / d
+    cs[1] = c2 / d if centered else 0.0
+    k1, k2 = cs[0], cs[1]  # x's dtype
+    for j in range(d):
+        out[j] = r * (g[j] * w[j] - k2 - (((row[j] - sh) - de) * r) * k1)
+
+
+@njit(cache=True, fastmath=_FM)
+def _segments_backward(row, g, w, seg, stats, i, out, dwt, dbt, acc, cs):  # pragma: no cover
+    """dx of one row of channel segments (w, dwt, dbt: this row's channels)."""
+    d = row.shape[0]
+    sh, de, r = stats[0, i], stats[1, i], stats[2, i]
+    c1 = 0.0
+    c2 = 0.0
+    for c in range(d // seg):
+        p1, p2 = _grad_moments(row[c * seg:(c + 1) * seg], g[c * seg:(c + 1) * seg],
+                               sh, de, r, acc)
+        dwt[c] += p1
+        dbt[c] += p2
+        c1 += w[c] * p1
+        c2 += w[c] * p2
+    cs[0] = c1 / d
+    cs[1] = c2 / d
+    k1, k2 = cs[0], cs[1]  # x's dtype
+    for c in range(d // seg):
+        wc = w[c]
+        lo, hi = c * seg, (c + 1) * seg
+        xc, gc, oc = row[lo:hi], g[lo:hi], out[lo:hi]
+        for j in range(seg):
+            oc[j] = r * (gc[j] * wc - k2 - (((xc[j] - sh) - de) * r) * k1)
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def rows_forward(x, w, b, eps, centered, y, stats):  # pragma: no cover
     """LayerNorm/RMSNorm rows x (M, D), parameters per element (w, b of length D).
@@ -188,10 +247,7 @@ def rows_forward(x, w, b, eps, centered, y, stats):  # pragma: no cover
     for t in prange(blocks):
         acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            row, out = x[i], y[i]
-            sh, de, r = _row_stats(row, eps, centered, stats, i, acc)
-            for j in range(d):
-                out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
+            _row(x[i], w, b, eps, centered, y[i], stats, i, acc)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -203,12 +259,10 @@ def rows_add_forward(x, res, w, b, eps, centered, y, h, stats):  # pragma: no co
     for t in prange(blocks):
         acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            xr, rr, row, out = x[i], res[i], h[i], y[i]
+            xr, rr, hr = x[i], res[i], h[i]
             for j in range(d):
-                row[j] = xr[j] + rr[j]
-            sh, de, r = _row_stats(row, eps, centered, stats, i, acc)
-            for j in range(d):
-                out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
+                hr[j] = xr[j] + rr[j]
+            _row(hr, w, b, eps, centered, y[i], stats, i, acc)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -223,16 +277,9 @@ def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
     for t in prange(blocks):
         acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            row, out = x[i], y[i]
-            sh, de, r = _row_stats(row, eps, True, stats, i, acc)
             base = (i % kk) * cpr
-            for c in range(cpr):
-                a, bb = r * w[base + c], b[base + c]
-                # slices, then indices straight from range(): Numba's negative-index handling
-                # of a computed index (c * seg + j) would stop LLVM from vectorizing
-                xc, oc = row[c * seg:(c + 1) * seg], out[c * seg:(c + 1) * seg]
-                for j in range(seg):
-                    oc[j] = ((xc[j] - sh) - de) * a + bb
+            _segments(x[i], w[base:base + cpr], b[base:base + cpr], seg, eps, y[i], stats, i,
+                      acc)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -248,14 +295,9 @@ def rows_backward(x, w, dy, dh, stats, centered, dx, dw_part, db_part):  # pragm
         acc = np.empty(2 * _L, x.dtype)
         cs = np.empty(2, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            row, g, out = x[i], dy[i], dx[i]
-            sh, de, r = stats[0, i], stats[1, i], stats[2, i]
-            c1, c2 = _row_grads(row, g, w, sh, de, r, dw_part[t], db_part[t], acc)
-            cs[0] = c1 / d
-            cs[1] = c2 / d if centered else 0.0
-            k1, k2 = cs[0], cs[1]  # x's dtype
-            for j in range(d):
-                out[j] = r * (g[j] * w[j] - k2 - (((row[j] - sh) - de) * r) * k1)
+            out = dx[i]
+            _row_backward(x[i], dy[i], w, stats, i, centered, out, dw_part[t], db_part[t], acc,
+                          cs)
             if add:
                 hr = dh[i]
                 for j in range(d):
@@ -274,27 +316,81 @@ def segments_backward(x, w, dy, stats, seg, dx, dw_part, db_part):  # pragma: no
         acc = np.empty(2 * _L, x.dtype)
         cs = np.empty(2, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            row, g, out = x[i], dy[i], dx[i]
-            sh, de, r = stats[0, i], stats[1, i], stats[2, i]
-            base = (i % kk) * cpr
-            c1 = 0.0
-            c2 = 0.0
-            for c in range(cpr):
-                p1, p2 = _grad_moments(row[c * seg:(c + 1) * seg], g[c * seg:(c + 1) * seg],
-                                       sh, de, r, acc)
-                dw_part[t, base + c] += p1
-                db_part[t, base + c] += p2
-                c1 += w[base + c] * p1
-                c2 += w[base + c] * p2
-            cs[0] = c1 / d
-            cs[1] = c2 / d
-            k1, k2 = cs[0], cs[1]  # x's dtype
-            for c in range(cpr):
-                wc = w[base + c]
-                lo, hi = c * seg, (c + 1) * seg
-                xc, gc, oc = row[lo:hi], g[lo:hi], out[lo:hi]
-                for j in range(seg):
-                    oc[j] = r * (gc[j] * wc - k2 - (((xc[j] - sh) - de) * r) * k1)
+            lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
+            _segments_backward(x[i], dy[i], w[lo:hi], seg, stats, i, dx[i], dw_part[t, lo:hi],
+                               db_part[t, lo:hi], acc, cs)
+
+
+# --- bfloat16 rows: each row is widened to float32 in a cache-resident scratch row, run through
+# the float32 row routines, and rounded back; no full-size float32 copy of x, dy, y or dx.
+
+_U16 = np.uint32(16)
+
+
+@njit(cache=True)
+def _widen(src, bits):  # pragma: no cover
+    """bfloat16 bit patterns (uint16) -> float32, written through ``bits`` (a uint32 view)."""
+    for j in range(src.shape[0]):
+        bits[j] = np.uint32(src[j]) << _U16
+
+
+@njit(cache=True)
+def _narrow(bits, dst):  # pragma: no cover
+    """float32 (as uint32 bits) -> bfloat16 bits, round to nearest even; NaN stays NaN."""
+    for j in range(dst.shape[0]):
+        v = bits[j]
+        r = (v + np.uint32(0x7FFF) + ((v >> _U16) & np.uint32(1))) >> _U16
+        nan = (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        dst[j] = np.uint16(0x7FC0) if nan else np.uint16(r)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def rows_forward_bf16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
+    """:func:`rows_forward` (seg = 0) or :func:`segments_forward` on bfloat16 bits x, y."""
+    m, d = x.shape
+    cpr = d // seg if seg > 0 else d
+    kk = w.shape[0] // cpr
+    blocks = min(m, 256)
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, np.float32)
+        xf, yf = np.empty(d, np.float32), np.empty(d, np.float32)
+        xb, yb = xf.view(np.uint32), yf.view(np.uint32)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            _widen(x[i], xb)
+            if seg > 0:
+                base = (i % kk) * cpr
+                _segments(xf, w[base:base + cpr], b[base:base + cpr], seg, eps, yf, stats, i,
+                          acc)
+            else:
+                _row(xf, w, b, eps, centered, yf, stats, i, acc)
+            _narrow(yb, y[i])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def rows_backward_bf16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # pragma: no cover
+    """:func:`rows_backward` (seg = 0) or :func:`segments_backward` on bfloat16 bits x, dy,
+    dx (float32 partials)."""
+    m, d = x.shape
+    cpr = d // seg if seg > 0 else d
+    kk = w.shape[0] // cpr
+    blocks = dw_part.shape[0]
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, np.float32)
+        cs = np.empty(2, np.float32)
+        xf, gf, of = np.empty(d, np.float32), np.empty(d, np.float32), np.empty(d, np.float32)
+        xb, gb, ob = xf.view(np.uint32), gf.view(np.uint32), of.view(np.uint32)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            _widen(x[i], xb)
+            _widen(dy[i], gb)
+            if seg > 0:
+                lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
+                _segments_backward(xf, gf, w[lo:hi], seg, stats, i, of, dw_part[t, lo:hi],
+                                   db_part[t, lo:hi], acc, cs)
+            else:
+                _row_backward(xf, gf, w, stats, i, centered, of, dw_part[t], db_part[t], acc, cs)
+            _narrow(ob, dx[i])
 
 
 # --- nchw: one statistic per channel of x (N, C, L), over N and L (BatchNorm)

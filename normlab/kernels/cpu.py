@@ -21,8 +21,10 @@ Layouts: contiguous inputs run as rows (LayerNorm, RMSNorm, and GroupNorm/Instan
 (sample, group) blocks are contiguous) or as ``(N, C, L)`` (BatchNorm); channels-last inputs
 (any input whose ``movedim(1, -1)`` is contiguous, e.g. ``channels_last`` 4-D or a transposed
 ``(N, L, C)`` sequence) run as ``(P, R, C)`` without a copy and give channels-last outputs.
-Other strides are copied to contiguous first. float16 and bfloat16 inputs are converted to
-float32 for the kernels (statistics in float32, output in the input dtype).
+Other strides are copied to contiguous first. bfloat16 rows (LayerNorm, RMSNorm, and NCHW
+GroupNorm/InstanceNorm) are widened to float32 one row at a time inside the kernels; other
+bfloat16 and all float16 inputs are converted to float32 copies for the kernels (statistics in
+float32, output in the input dtype).
 
 Kernels compile on first use (``cache=True`` keeps them on disk); importing normlab compiles
 nothing. Numba's threads follow ``torch.get_num_threads()`` at each call. A second derivative
@@ -178,6 +180,9 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     acc = _acc(x.dtype)
     y = _out_like(x, kind)
     stats = torch.empty((4, _nstats(x, kind, groups)), dtype=acc)
+    if _bf16_rows(x, kind, var):
+        _forward_bf16(_dense(x, kind), weight, bias, kind, groups, eps, y, stats)
+        return y, stats
     xk = _dense(x, kind).to(acc)
     yk = _target(y, xk)
     layout = _layout(xk, kind)
@@ -257,6 +262,55 @@ def _rows_of(v: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(v, like.shape), dtype=like.dtype)
 
 
+# --- bfloat16 rows: widened row by row inside the kernels (no float32 copy of the tensors)
+
+
+def _bf16_rows(x: torch.Tensor, kind: str, given) -> bool:
+    return (x.dtype == torch.bfloat16 and given is None
+            and _layout(_dense(x, kind), kind) == "rows")
+
+
+def _bits(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """The bfloat16 bit patterns of contiguous t as a uint16 array shaped for the kernels."""
+    return t.view(torch.int16).reshape(shape).numpy().view(np.uint16)
+
+
+def _seg(x: torch.Tensor, kind: str, groups: int, shape: tuple[int, ...]) -> int:
+    """Segment length of the rows kernels: 0 for per-element parameters (LayerNorm/RMSNorm),
+    else the spatial size (GroupNorm/InstanceNorm rows hold C/G channel segments)."""
+    return 0 if kind in ("layer", "rms") else shape[1] // (x.shape[1] // groups)
+
+
+def _forward_bf16(xd, weight, bias, kind, groups, eps, y, stats) -> None:
+    shape = _views(xd, "rows", kind, groups)
+    npar = _nparams(xd, kind, groups)
+    yk = y if y.is_contiguous() else torch.empty_like(xd)
+    K.rows_forward_bf16(_bits(xd, shape), _vec(weight, npar, 1.0, torch.float32),
+                        _vec(bias, npar, 0.0, torch.float32), _seg(xd, kind, groups, shape), eps,
+                        kind != "rms", _bits(yk, shape), stats.numpy())
+    if yk is not y:
+        y.copy_(yk)
+
+
+def _backward_bf16(dy, x, weight, stats, kind, groups, need_dx):
+    xd = _dense(x, kind)
+    shape = _views(xd, "rows", kind, groups)
+    npar = _nparams(xd, kind, groups)
+    gk = dy.to(torch.bfloat16).contiguous()
+    dx = _out_like(x, kind)
+    dxk = dx if dx.is_contiguous() else torch.empty_like(xd)
+    blocks = max(1, min(_BLOCKS, shape[0]))
+    dw, db = np.zeros((blocks, npar), np.float32), np.zeros((blocks, npar), np.float32)
+    K.rows_backward_bf16(_bits(xd, shape), _vec(weight, npar, 1.0, torch.float32),
+                         _bits(gk, shape), stats.numpy(), _seg(xd, kind, groups, shape),
+                         kind != "rms", _bits(dxk, shape), dw, db)
+    dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
+    if need_dx and dxk is not dx:
+        dx.copy_(dxk)
+    return (dx if need_dx else x.new_empty(0), torch.from_numpy(dw.astype(np.float32)),
+            torch.from_numpy(db.astype(np.float32)))
+
+
 # --- the backward operator
 
 
@@ -268,6 +322,8 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     _threads()
     acc = _acc(x.dtype)
     npar = _nparams(x, kind, groups)
+    if dh is None and _bf16_rows(x, kind, None if input_stats else stats):
+        return _backward_bf16(dy, x, weight, stats, kind, groups, need_dx)
     xk = _dense(x, kind).to(acc)
     layout = _layout(xk, kind)
     shape = _views(xk, layout, kind, groups)
