@@ -51,6 +51,17 @@ _B = 8  # lane-rows (of _L elements) summed in the input's dtype before joining 
 
 
 @njit(cache=True, fastmath=_FM)
+def _lane_sums(acc):  # pragma: no cover
+    """(sum of lanes 0.._L-1, sum of lanes _L..2_L-1) of one block, in float64."""
+    a1 = 0.0
+    a2 = 0.0
+    for k in range(_L):
+        a1 += acc[k]
+        a2 += acc[_L + k]
+    return a1, a2
+
+
+@njit(cache=True, fastmath=_FM)
 def _moments(seg, s, acc):  # pragma: no cover
     """(sum v, sum v^2) over ``seg`` of v = seg - s, s a value of seg's dtype (its sample).
 
@@ -62,19 +73,14 @@ def _moments(seg, s, acc):  # pragma: no cover
     t1 = 0.0
     t2 = 0.0
     for b in range(0, nb, _B):
-        for k in range(2 * _L):
-            acc[k] = 0
+        acc[:] = 0
         for q in range(b, min(nb, b + _B)):
             sq = seg[q * _L:(q + 1) * _L]  # a fixed-length slice: this loop vectorizes
             for k in range(_L):
                 v = sq[k] - s
                 acc[k] += v
                 acc[_L + k] += v * v
-        a1 = 0.0
-        a2 = 0.0
-        for k in range(_L):
-            a1 += acc[k]
-            a2 += acc[_L + k]
+        a1, a2 = _lane_sums(acc)
         t1 += a1
         t2 += a2
     for j in range(nb * _L, n):
@@ -93,19 +99,14 @@ def _grad_moments(seg, g, sh, de, r, acc):  # pragma: no cover
     t1 = 0.0
     t2 = 0.0
     for b in range(0, nb, _B):
-        for k in range(2 * _L):
-            acc[k] = 0
+        acc[:] = 0
         for q in range(b, min(nb, b + _B)):
             sq, gq = seg[q * _L:(q + 1) * _L], g[q * _L:(q + 1) * _L]
             for k in range(_L):
                 gj = gq[k]
                 acc[k] += gj * (((sq[k] - sh) - de) * r)
                 acc[_L + k] += gj
-        a1 = 0.0
-        a2 = 0.0
-        for k in range(_L):
-            a1 += acc[k]
-            a2 += acc[_L + k]
+        a1, a2 = _lane_sums(acc)
         t1 += a1
         t2 += a2
     for j in range(nb * _L, n):
@@ -124,8 +125,7 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
     t1 = 0.0
     t2 = 0.0
     for b in range(0, nb, _B):
-        for k in range(2 * _L):
-            acc[k] = 0
+        acc[:] = 0
         for q in range(b, min(nb, b + _B)):
             lo, hi = q * _L, (q + 1) * _L
             xq, gq, wq, dwq, dbq = row[lo:hi], g[lo:hi], w[lo:hi], dwt[lo:hi], dbt[lo:hi]
@@ -137,11 +137,7 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
                 gw = gj * wq[k]
                 acc[k] += gw * xh
                 acc[_L + k] += gw
-        a1 = 0.0
-        a2 = 0.0
-        for k in range(_L):
-            a1 += acc[k]
-            a2 += acc[_L + k]
+        a1, a2 = _lane_sums(acc)
         t1 += a1
         t2 += a2
     for j in range(nb * _L, n):
