@@ -90,7 +90,8 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 def _layout(x: torch.Tensor, kind: str) -> str:
-    """'rows', 'nchw' or 'nhwc': how the kernels view x (after ``_dense``)."""
+    """'rows', 'nchw' or 'nhwc': how the kernels view x. The same for x and for ``_dense(x)``
+    (a non-dense x is copied to contiguous, which is never channels-last)."""
     if kind in ("layer", "rms"):
         return "rows"
     spatial = x.numel() // (x.shape[0] * x.shape[1])
@@ -180,7 +181,7 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     acc = _acc(x.dtype)
     y = _out_like(x, kind)
     stats = torch.empty((4, _nstats(x, kind, groups)), dtype=acc)
-    if _bf16_rows(x, kind, var):
+    if _bf16_rows(x, kind, var is None):
         _forward_bf16(_dense(x, kind), weight, bias, kind, groups, eps, y, stats)
         return y, stats
     xk = _dense(x, kind).to(acc)
@@ -265,9 +266,8 @@ def _rows_of(v: np.ndarray, like: np.ndarray) -> np.ndarray:
 # --- bfloat16 rows: widened row by row inside the kernels (no float32 copy of the tensors)
 
 
-def _bf16_rows(x: torch.Tensor, kind: str, given) -> bool:
-    return (x.dtype == torch.bfloat16 and given is None
-            and _layout(_dense(x, kind), kind) == "rows")
+def _bf16_rows(x: torch.Tensor, kind: str, input_stats: bool) -> bool:
+    return x.dtype == torch.bfloat16 and input_stats and _layout(x, kind) == "rows"
 
 
 def _bits(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
@@ -322,7 +322,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     _threads()
     acc = _acc(x.dtype)
     npar = _nparams(x, kind, groups)
-    if dh is None and _bf16_rows(x, kind, None if input_stats else stats):
+    if dh is None and _bf16_rows(x, kind, input_stats):
         return _backward_bf16(dy, x, weight, stats, kind, groups, need_dx)
     xk = _dense(x, kind).to(acc)
     layout = _layout(xk, kind)
