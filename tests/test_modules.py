@@ -363,6 +363,15 @@ def _instance_stats(x: torch.Tensor):
     return x.mean(2).mean(0), x.var(2, unbiased=True).mean(0)
 
 
+def _randomize(m, c: int, g: torch.Generator) -> None:
+    """Non-trivial affine parameters and running statistics for a norm module of c channels."""
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(c, generator=g))
+        m.running_mean.copy_(torch.randn(c, generator=g))
+        m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
 BN_SHAPES = [
     (nlnn.BatchNorm1d, 3, lambda n: (n, 3)),
     (nlnn.BatchNorm1d, 3, lambda n: (n, 3, 4)),
@@ -376,11 +385,7 @@ BN_SHAPES = [
 def test_batchnorm_running_stats_closed_form(cls, c, shape_of, momentum):
     m = cls(c, momentum=momentum, eps=1e-3)
     g = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(c, generator=g))
-        m.running_mean.copy_(torch.randn(c, generator=g))
-        m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    _randomize(m, c, g)
     rm0, rv0 = m.running_mean.clone(), m.running_var.clone()
     rm, rv = rm0.double(), rv0.double()
     means, variances = [], []
@@ -429,11 +434,7 @@ def test_instancenorm_running_stats_closed_form(cls, shape, momentum):
     c = shape[1]
     m = cls(c, momentum=momentum, affine=True, track_running_stats=True)
     g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(c, generator=g))
-        m.running_mean.copy_(torch.randn(c, generator=g))
-        m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    _randomize(m, c, g)
     rm0, rv0 = m.running_mean.clone(), m.running_var.clone()
     rm, rv = rm0.double(), rv0.double()
     eff = 0.0 if momentum is None else momentum  # torch's InstanceNorm treats momentum=None as 0
