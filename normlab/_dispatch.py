@@ -82,9 +82,13 @@ _numba: list[bool] = []  # whether numba can be imported, looked up once
 def auto_backend(x: torch.Tensor | None) -> str:
     """The backend ``"auto"`` picks for input ``x``: ``"cpu"`` for CPU tensors when Numba is
     installed, else ``"reference"``."""
+    return _auto_for(x is not None and x.device.type == "cpu")
+
+
+def _auto_for(on_cpu: bool) -> str:
     if not _numba:
         _numba.append(importlib.util.find_spec("numba") is not None)
-    return "cpu" if x is not None and x.device.type == "cpu" and _numba[0] else "reference"
+    return "cpu" if on_cpu and _numba[0] else "reference"
 
 
 def get_backend(x: torch.Tensor | None = None):
@@ -102,7 +106,7 @@ def get_backend(x: torch.Tensor | None = None):
 @torch.compiler.assume_constant_result
 def _auto_name(on_cpu: bool) -> str:
     """``auto_backend``'s choice for a CPU tensor or not, loaded (a constant for dynamo)."""
-    name = auto_backend(torch.empty(0) if on_cpu else None)
+    name = _auto_for(on_cpu)
     _load(name)
     return name
 
