@@ -2,6 +2,11 @@
 import os
 
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter on CPU tensors. The variable
+# is read when a kernel is decorated, so it is set before any normlab Triton module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
