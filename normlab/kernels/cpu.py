@@ -1,8 +1,9 @@
 r"""The ``cpu`` backend: fused Numba kernels for all five norms, forward and backward.
 
-Two operators, registered with :mod:`torch.library` so that ``torch.compile(fullgraph=True)``
-traces through them (each has a fake implementation giving output shapes, strides and dtypes)
-and ``torch.library.opcheck`` passes:
+Three operators of the family described in :mod:`._fused` (which also gives them autograd, an
+eager path and the backend object), registered with :mod:`torch.library` so that
+``torch.compile(fullgraph=True)`` traces through them (each has a fake implementation giving
+output shapes, strides and dtypes) and ``torch.library.opcheck`` passes:
 
 ``normlab::cpu_norm(x, weight, bias, mean, var, kind, groups, eps) -> (y, stats)``
     ``kind`` is ``"layer"``/``"rms"`` (statistics over the trailing ``groups`` axes),
@@ -11,6 +12,8 @@ and ``torch.library.opcheck`` passes:
     normalized by them (BatchNorm and InstanceNorm in eval). ``stats`` is ``(4, S)``: shift,
     delta (the mean is ``shift + delta``), rstd and the biased variance of each of the ``S``
     statistics, in float32 (float64 for float64 inputs).
+``normlab::cpu_add_norm(x, residual, weight, bias, kind, groups, eps) -> (y, h, stats)``
+    LayerNorm/RMSNorm of ``h = x + residual``, one pass (float32/float64 pairs of one dtype).
 ``normlab::cpu_norm_backward(dy, x, weight, stats, kind, groups, input_stats, need_dx)``
     ``-> (dx, dweight, dbias)``: with :math:`g = \gamma\,dy` and means over each statistics set,
     :math:`dx = \mathrm{rstd}\,(g - \langle g\rangle - \hat x\,\langle g\hat x\rangle)`
@@ -42,9 +45,8 @@ import torch
 
 from .. import _engine as E
 from . import _numba_kernels as K
-from .reference import BACKEND as _REFERENCE
+from ._fused import FLOATS, FusedBackend, Ops
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _NONE = {np.dtype(np.float32): np.empty((0, 0), np.float32),  # "no array" for the kernels
          np.dtype(np.float64): np.empty((0, 0), np.float64)}
 _BLOCKS = 64  # parameter-gradient partial sums per call: fixed, so results ignore thread count
@@ -388,61 +390,6 @@ def _nhwc_backward(xs, gs, st, w, kind, groups, input_stats, dxs):
     return sum_gx.sum(0), sum_g.sum(0)
 
 
-# --- autograd
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, mean, var, kind, groups, eps = inputs
-    _, stats = output
-    ctx.save_for_backward(x, weight, bias, stats)
-    ctx.kind, ctx.groups, ctx.eps, ctx.input_stats = kind, groups, eps, var is None
-    ctx.mark_non_differentiable(stats)
-
-
-def _backward(ctx, dy, _dstats):
-    x, weight, bias, stats = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference formulas
-        return _differentiable_backward(ctx, dy, x, weight, bias, stats) + (None,) * 5
-    dx, dw, db = _bwd_op(ctx)(dy, None, x, weight, stats, ctx.kind, ctx.groups, ctx.input_stats,
-                              need_x)
-    return (dx if need_x else None,
-            dw.reshape(weight.shape).to(weight.dtype) if need_w else None,
-            db.reshape(bias.shape).to(bias.dtype) if need_b else None,
-            None, None, None, None, None)
-
-
-cpu_norm.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _bwd_op(ctx):
-    """The backward operator, or in eager mode its Python body (no dispatcher round trip)."""
-    return cpu_norm_backward._init_fn if getattr(ctx, "eager", False) else cpu_norm_backward
-
-
-def _reference_forward(x, weight, bias, stats, kind, groups, eps, input_stats):
-    if kind in ("layer", "rms"):
-        red = E.row_reduction(x.shape, groups, centered=kind == "layer")
-    elif kind == "group":
-        red = E.group_reduction(x.shape, groups)
-    else:
-        red = E.batch_reduction(x.shape)
-    if input_stats:
-        return E.normalize(x, red, weight, bias, eps=eps)[0]
-    per = E.per_channel(x.shape)
-    return E.normalize(x, red, weight, bias, eps=eps, mean=(stats[0] + stats[1]).reshape(per),
-                       var=stats[3].reshape(per))[0]
-
-
-def _differentiable_backward(ctx, dy, x, weight, bias, stats):
-    inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
-    with torch.enable_grad():
-        y = _reference_forward(x, weight, bias, stats, ctx.kind, ctx.groups, ctx.eps,
-                               ctx.input_stats)
-        grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
-
-
 # --- residual add fused with LayerNorm / RMSNorm
 
 
@@ -471,138 +418,21 @@ def _(x, residual, weight, bias, kind, groups, eps):
     return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((4, shape[0])))
 
 
-def _setup_add(ctx, inputs, output):
-    x, residual, weight, bias, kind, groups, eps = inputs
-    _, h, stats = output
-    ctx.save_for_backward(x, residual, h, weight, bias, stats)
-    ctx.kind, ctx.groups, ctx.eps = kind, groups, eps
-    if x.requires_grad or residual.requires_grad:
-        ctx.mark_non_differentiable(stats)
-    else:  # h = x + residual does not depend on the parameters
-        ctx.mark_non_differentiable(stats, h)
+# --- autograd, the eager path and the backend
 
 
-def _backward_add(ctx, dy, dh, _dstats):
-    x, residual, h, weight, bias, stats = ctx.saved_tensors
-    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference formulas
-        inputs = [t for t, need in zip((x, residual, weight, bias), ctx.needs_input_grad[:4])
-                  if need]
-        with torch.enable_grad():
-            hh = x + residual
-            y = _reference_forward(hh, weight, bias, stats, ctx.kind, ctx.groups, ctx.eps, True)
-            grads = iter(torch.autograd.grad((y, hh), inputs, (dy, dh), create_graph=True,
-                                             allow_unused=True))
-        return tuple(next(grads) if n else None for n in ctx.needs_input_grad[:4]) + (None,) * 3
-    dx, dw, db = _bwd_op(ctx)(dy, dh, h, weight, stats, ctx.kind, ctx.groups, True,
-                              need_x or need_r)
-    return (dx if need_x else None, dx if need_r else None,
-            dw.reshape(weight.shape).to(weight.dtype) if need_w else None,
-            db.reshape(bias.shape).to(bias.dtype) if need_b else None, None, None, None)
+def _given(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) of a forward's stats (4, S): shift + delta, var."""
+    return stats[0] + stats[1], stats[3]
 
 
-cpu_add_norm.register_autograd(_backward_add, setup_context=_setup_add)
+def _fuses_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """The one-pass add + norm kernel takes float32/float64 pairs of one dtype."""
+    return residual.device == x.device and residual.dtype == x.dtype \
+        and x.dtype in (torch.float32, torch.float64)
 
 
-# --- eager mode: the same implementations and autograd formulas without the dispatcher
-
-
-def _eager(name, op, setup_context, backward):
-    """An autograd.Function running ``op``'s Python body with the same setup and backward as its
-    registration, for eager calls: it skips the dispatcher round trip of the registered
-    operator (which ``torch.compile`` sees and ``opcheck`` tests)."""
-
-    def forward(ctx, *inputs):
-        out = op._init_fn(*inputs)
-        setup_context(ctx, inputs, out)
-        ctx.eager = True
-        return out
-
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward)})
-
-
-_EagerNorm = _eager("_EagerNorm", cpu_norm, _setup_context, _backward)
-_EagerAddNorm = _eager("_EagerAddNorm", cpu_add_norm, _setup_add, _backward_add)
-
-
-def _norm(*args):
-    return cpu_norm(*args) if torch.compiler.is_compiling() else _EagerNorm.apply(*args)
-
-
-def _add_norm(*args):
-    return cpu_add_norm(*args) if torch.compiler.is_compiling() else _EagerAddNorm.apply(*args)
-
-
-# --- the backend
-
-
-def _fused(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _FLOATS and x.numel() > 0
-
-
-class CpuBackend:
-    name = "cpu"
-
-    def layer_norm(self, x, normalized_shape, weight, bias, eps):
-        if not _fused(x):
-            return _REFERENCE.layer_norm(x, normalized_shape, weight, bias, eps)
-        return _norm(x, weight, bias, None, None, "layer", len(normalized_shape), eps)[0]
-
-    def rms_norm(self, x, normalized_shape, weight, eps):
-        if not _fused(x):
-            return _REFERENCE.rms_norm(x, normalized_shape, weight, eps)
-        return _norm(x, weight, None, None, None, "rms", len(normalized_shape), eps)[0]
-
-    def group_norm(self, x, num_groups, weight, bias, eps):
-        if not _fused(x):
-            return _REFERENCE.group_norm(x, num_groups, weight, bias, eps)
-        return _norm(x, weight, bias, None, None, "group", num_groups, eps)[0]
-
-    def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
-        if not _fused(x):
-            return _REFERENCE.batch_norm(
-                x, running_mean, running_var, weight, bias, training, momentum, eps
-            )
-        if not training:
-            return _norm(x, weight, bias, running_mean, running_var, "batch", 1, eps)[0]
-        y, stats = _norm(x, weight, bias, None, None, "batch", 1, eps)
-        E.update_running_stats(running_mean, running_var, stats[0] + stats[1], stats[3],
-                               x.numel() // x.shape[1], momentum)
-        return y
-
-    def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats,
-                      momentum, eps):
-        if not _fused(x):
-            return _REFERENCE.instance_norm(
-                x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
-            )
-        if not use_input_stats:
-            return _norm(x, weight, bias, running_mean, running_var, "batch", 1, eps)[0]
-        n, c = x.shape[:2]
-        y, stats = _norm(x, weight, bias, None, None, "group", c, eps)
-        E.update_running_stats(running_mean, running_var, (stats[0] + stats[1]).view(n, c).mean(0),
-                               stats[3].view(n, c).mean(0), x.numel() // (n * c), momentum)
-        return y
-
-
-    def _add(self, x, residual, kind, ndim, weight, bias, eps):
-        if (_fused(x) and residual.device == x.device and residual.dtype == x.dtype
-                and x.dtype in (torch.float32, torch.float64)):
-            y, h, _ = _add_norm(x, residual, weight, bias, kind, ndim, eps)
-            return y, h
-        # other dtypes: h is rounded to its dtype before it is normalized, as unfused
-        h = x + residual
-        shape = tuple(h.shape[h.dim() - ndim:])
-        if kind == "layer":
-            return self.layer_norm(h, shape, weight, bias, eps), h
-        return self.rms_norm(h, shape, weight, eps), h
-
-    def add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
-        return self._add(x, residual, "layer", len(normalized_shape), weight, bias, eps)
-
-    def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
-        return self._add(x, residual, "rms", len(normalized_shape), weight, None, eps)
-
-
-BACKEND = CpuBackend()
+OPS = Ops(cpu_norm, cpu_norm_backward, cpu_add_norm, _given)
+BACKEND = FusedBackend(
+    "cpu", OPS, runs=lambda x: x.device.type == "cpu" and x.dtype in FLOATS and x.numel() > 0,
+    fuses_add=_fuses_add, batch_stats=_given)
