@@ -1,7 +1,16 @@
-"""``normlab`` command line: ``normlab demo`` and ``normlab bench`` (the lab arrives later)."""
+"""``normlab`` command line.
+
+* ``normlab demo``: each norm on the classic 3x3 example, next to torch.nn.
+* ``normlab lab [--quick] [--out DIR] [--only NAME ...] [--seed S] [--data [NAME=]PATH]``: rerun
+  the classic normalization experiments and write an HTML report (resumable).
+* ``normlab explain NORM [--out DIR]``: a norm's reduction spec, a worked example, its axes
+  figure.
+* ``normlab bench``: time normlab against torch eager and torch.compile.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -52,10 +61,112 @@ def demo(out=None) -> float:
     return worst
 
 
+def _add_lab(sub) -> argparse.ArgumentParser:
+    from .lab import experiments
+
+    p = sub.add_parser(
+        "lab", help="rerun the classic normalization experiments; write an HTML report",
+        description="Rerun the classic normalization experiments on data that ships with "
+        "normlab and write DIR/index.html (self-contained), DIR/results.json and "
+        "DIR/figures/. Finished runs are stored as they finish: run the same command again to "
+        "resume an interrupted lab.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="small settings: the whole lab in under 5 minutes on 2 cores")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="the full settings, under 30 minutes (the default)")
+    p.set_defaults(mode="full")
+    p.add_argument("--out", metavar="DIR", default="normlab-lab",
+                   help="output folder (default: normlab-lab)")
+    p.add_argument("--only", metavar="NAME", nargs="+", type=_experiment_names,
+                   help=f"run only these (from {', '.join(experiments.NAMES)}); the report keeps "
+                        "the other experiments finished earlier at the same mode and seed")
+    p.add_argument("--seed", type=int, default=0, help="the lab's seed (default 0)")
+    p.add_argument("--data", metavar="[NAME=]PATH", action="append", default=[],
+                   help="your own images (an .npz with arrays x and y, or a folder with one "
+                        "sub-folder per class): PATH for the image experiments "
+                        "(batch_size, groups, sigmoid, smoothness), NAME=PATH for one; repeatable")
+    p.add_argument("--rerun", action="store_true",
+                   help="run experiments that finished earlier again (finished runs still load "
+                        "from DIR/runs; delete DIR for a clean start)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress output on stderr")
+    return p
+
+
+def _experiment_names(text: str) -> list[str]:
+    from .lab import runner
+
+    try:
+        return runner.select(n for n in text.split(",") if n)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _data_arg(items: list[str]) -> dict[str, str] | None:
+    """``--data`` values as NAME -> path: ``NAME=PATH`` for one experiment, a plain PATH for
+    the image experiments (a path may contain '=' unless what precedes it is an experiment)."""
+    from .lab import experiments, runner
+
+    plain, named = [], {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if eq and name in experiments.NAMES:
+            named[name] = path
+        else:
+            plain.append(item)
+    if len(plain) > 1:
+        raise ValueError(f"--data PATH given {len(plain)} times ({', '.join(plain)}); give one "
+                         "PATH for the image experiments and NAME=PATH for others")
+    if not plain and not named:
+        return None
+    return {**(runner.resolve_data(plain[0]) if plain else {}), **named}
+
+
+def lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``normlab lab``: run, then print where the report is and a line per experiment. Exit
+    status 1 when an experiment run now failed, 130 when interrupted."""
+    from .lab import runner
+
+    names = runner.select({n for group in args.only for n in group} if args.only else None)
+    try:
+        data = _data_arg(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    try:
+        results = runner.run_lab(names, out=args.out, mode=args.mode, seed=args.seed, data=data,
+                                 progress=args.progress, rerun=args.rerun)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: what finished is kept in {args.out}; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+    index = os.path.join(args.out, "index.html")
+    print(f"normlab lab ({args.mode}, seed {args.seed}): {index}")
+    exps = results["experiments"]
+    width = max(map(len, exps), default=0)
+    for name, result in exps.items():
+        print(f"  {name:<{width}}  {runner.summary_line(name, result)}")
+    failed = [n for n in names if "error" in exps.get(n, {})]
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="normlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="each norm on the classic 3x3 example, next to torch.nn")
+    lab_parser = _add_lab(sub)
+    explain = sub.add_parser(
+        "explain", help="a norm's reduction spec, a worked 3x3 example, its axes figure",
+        description="Print the reduction spec normlab computes NORM with, in words, and the "
+        "norm worked through on [[1, 2, 3], [4, 5, 6], [7, 8, 9]] (checked against torch.nn); "
+        "write its axes figure to DIR/axes-NORM.png.")
+    from .lab.axes import NORMS
+
+    explain.add_argument("norm", type=str.lower, metavar="NORM", choices=tuple(NORMS),
+                         help=f"one of {', '.join(NORMS)} (any case)")
+    explain.add_argument("--out", metavar="DIR", default=".",
+                         help="where to write the figure (default: .)")
     from .bench import cli as bench_cli
 
     bench = sub.add_parser(
@@ -70,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if worst < 1e-5 else 1
     if args.command == "bench":
         return bench_cli.main(args, bench)
+    if args.command == "lab":
+        return lab(args, lab_parser)
+    if args.command == "explain":
+        from .lab.explain import explain as explain_text
+
+        print(explain_text(args.norm, args.out))
+        return 0
     return 2
 
 
