@@ -8,8 +8,8 @@ running-statistics updates.
 
 The choice is read on every call (a :class:`contextvars.ContextVar`, so it is per thread and per
 asyncio task), never captured at import time. Unforced, the choice is ``"auto"``: the fused
-``cpu`` kernels for CPU tensors (when Numba is installed), the ``reference`` engine elsewhere
-(GPU tensors, until the Triton kernels land).
+``cpu`` kernels for CPU tensors (when Numba is installed), the ``triton`` kernels for CUDA
+tensors (when Triton is installed), the ``reference`` engine elsewhere.
 
 Backends may also offer ``add_layer_norm`` and ``add_rms_norm`` (residual add fused with the
 norm); :mod:`normlab.functional` composes ``x + residual`` and the norm for those that don't.
@@ -31,7 +31,7 @@ _KNOWN = {
     "reference": "normlab.kernels.reference:BACKEND",
     "torch": "normlab.kernels.torch_ops:BACKEND",
     "cpu": "normlab.kernels.cpu:BACKEND",  # fused Numba kernels, needs numba
-    "triton": None,  # GPU kernels: not built yet
+    "triton": "normlab.kernels.triton_backend:BACKEND",  # GPU kernels, needs triton
 }
 _REQUIRES = {"cpu": "numba", "triton": "triton"}  # the import a backend cannot run without
 _loaded: dict[str, object] = {}
@@ -76,19 +76,23 @@ def current_backend() -> str:
     return _forced.get() or "auto"
 
 
-_numba: list[bool] = []  # whether numba can be imported, looked up once
+_installed: dict[str, bool] = {}  # whether a backend's requirement imports, looked up once
+_AUTO = {"cpu": "cpu", "cuda": "triton"}  # device type -> the fused backend "auto" prefers
 
 
 def auto_backend(x: torch.Tensor | None) -> str:
     """The backend ``"auto"`` picks for input ``x``: ``"cpu"`` for CPU tensors when Numba is
-    installed, else ``"reference"``."""
-    return _auto_for(x is not None and x.device.type == "cpu")
+    installed, ``"triton"`` for CUDA tensors when Triton is, else ``"reference"``."""
+    return _auto_for(None if x is None else x.device.type)
 
 
-def _auto_for(on_cpu: bool) -> str:
-    if not _numba:
-        _numba.append(importlib.util.find_spec("numba") is not None)
-    return "cpu" if on_cpu and _numba[0] else "reference"
+def _auto_for(device_type: str | None) -> str:
+    name = _AUTO.get(device_type)
+    if name is None:
+        return "reference"
+    if name not in _installed:
+        _installed[name] = importlib.util.find_spec(_REQUIRES[name]) is not None
+    return name if _installed[name] else "reference"
 
 
 def get_backend(x: torch.Tensor | None = None):
@@ -99,14 +103,14 @@ def get_backend(x: torch.Tensor | None = None):
     recompiles when the choice changes. (The mirror is process-wide: threads compiling under
     different forced backends at the same time may see each other's choice.)"""
     if torch.compiler.is_compiling():
-        return _loaded[_forced_name or _auto_name(x is not None and x.device.type == "cpu")]
+        return _loaded[_forced_name or _auto_name(None if x is None else x.device.type)]
     return _load(_forced.get() or auto_backend(x))
 
 
 @torch.compiler.assume_constant_result
-def _auto_name(on_cpu: bool) -> str:
-    """``auto_backend``'s choice for a CPU tensor or not, loaded (a constant for dynamo)."""
-    name = _auto_for(on_cpu)
+def _auto_name(device_type: str | None) -> str:
+    """``auto_backend``'s choice for a device type, loaded (a constant for dynamo)."""
+    name = _auto_for(device_type)
     _load(name)
     return name
 
@@ -118,7 +122,8 @@ _forced_name: str | None = None
 def backend(name: str) -> Iterator[str]:
     """Force every normlab normalization inside the ``with`` block to run on backend ``name``.
 
-    ``"cpu"`` runs the fused Numba kernels (the default for CPU tensors), ``"reference"``
+    ``"cpu"`` runs the fused Numba kernels (the default for CPU tensors), ``"triton"`` the
+    Triton kernels (the default for CUDA tensors), ``"reference"``
     normlab's own readable engine (the oracle of the tests), ``"torch"`` ATen's kernels
     (``torch.nn.functional``) as a peer. An unknown name raises ``ValueError``; a
     known backend that cannot run here raises :class:`BackendUnavailableError`.
