@@ -1,13 +1,17 @@
-"""The benchmark harness behind ``normlab bench``: normlab against torch eager and
-``torch.compile`` on realistic shapes, every norm x layout x dtype, forward and forward+backward,
-timed round-robin in one run and judged against the machine's copy bandwidth.
+"""The benchmark harness behind ``normlab bench``: normlab against torch eager, ``torch.compile``
+and (on CUDA) Liger-Kernel on realistic shapes, every norm x layout x dtype, forward, backward
+and forward+backward, timed round-robin in one run and judged against the device's copy
+bandwidth measured in the same run.
 
 Command line::
 
-    normlab bench                          # fp32, all norms, with torch.compile (minutes)
+    normlab bench                          # CPU, fp32, all norms, with torch.compile (minutes)
     normlab bench --quick --no-compile     # tiny shapes, 3 rounds: a smoke run (seconds)
     normlab bench --dtypes float32,bfloat16 --norms layer_norm,rms_norm --backend cpu \\
         --rounds 20 --out results/         # writes results/bench.csv and results/bench.md
+    normlab bench --device cuda --preset all --dtypes bfloat16,float32 \\
+        --time-budget 480 --out gpu.csv    # the GPU run (benchmarks/gpu_run.sh): gpu.csv, gpu.md
+    normlab bench --from-csv a.csv,b.csv --out all.csv   # merge saved runs, time nothing
 
 From Python::
 
@@ -16,18 +20,24 @@ From Python::
     print(bench.to_markdown(results))
     bench.to_csv(results, "bench.csv")
 
-Cells: batch_norm (training, running stats), instance_norm and group_norm (G=32) on
-32x64x56x56 and 8x256x28x28 in NCHW and channels_last; layer_norm (weight, bias) and rms_norm
-(weight) on rows 4096x1024, 8192x768, 2048x4096. Peers: ``normlab`` (``normlab.functional``,
-default dispatch or ``--backend``), ``torch`` (``torch.nn.functional`` eager) and ``compile``
-(``torch.compile`` of the same ``torch.nn.functional`` call, compile time reported apart).
+Cells (CPU default): batch_norm (training, running stats), instance_norm and group_norm (G=32)
+on 32x64x56x56 and 8x256x28x28 in NCHW and channels_last; layer_norm (weight, bias) and
+rms_norm (weight) on rows 4096x1024, 8192x768, 2048x4096; passes fwd and fwd+bwd. ``--preset``
+llm/cnn/all selects GPU-sized shapes (``PRESETS``); on CUDA the passes default to fwd and bwd
+(the backward alone). Peers: ``normlab`` (``normlab.functional``, default dispatch or
+``--backend``), ``torch`` (``torch.nn.functional`` eager), ``compile`` (``torch.compile`` of the
+same call, compile time reported apart) and ``liger`` (Liger-Kernel's LayerNorm/RMSNorm autograd
+functions, where ``liger_kernel`` imports); ``--peers`` picks among eager, compile, liger.
 """
-from .harness import (DEFAULT_SHAPES, DTYPES, LAYOUTS, NORMS, PASSES, PEERS, QUICK_SHAPES, Cell,
-                      Config, Result, copy_bandwidth, run, time_cell)
-from .report import geomean, minimal_bytes, speedups, summary, to_csv, to_markdown
+from .harness import (DEFAULT_SHAPES, DEVICES, DTYPES, LAYOUTS, NORMS, PASSES, PEER_FACTORIES,
+                      PEERS, PRESETS, QUICK_SHAPES, Cell, Config, CpuTimer, CudaTimer, PeerFn,
+                      Result, copy_bandwidth, liger_status, run, time_cell)
+from .report import (from_csv, geomean, minimal_bytes, speedups, summary, targets, to_csv,
+                     to_markdown)
 
 __all__ = [
     "Config", "Cell", "Result", "run", "time_cell", "copy_bandwidth", "to_markdown", "to_csv",
-    "summary", "speedups", "geomean", "minimal_bytes", "NORMS", "LAYOUTS", "PASSES", "PEERS",
-    "DTYPES", "DEFAULT_SHAPES", "QUICK_SHAPES",
+    "from_csv", "summary", "targets", "speedups", "geomean", "minimal_bytes", "NORMS",
+    "LAYOUTS", "PASSES", "PEERS", "DTYPES", "DEVICES", "PRESETS", "DEFAULT_SHAPES",
+    "QUICK_SHAPES", "CpuTimer", "CudaTimer", "PeerFn", "PEER_FACTORIES", "liger_status",
 ]

@@ -34,22 +34,48 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        n = float(text)
+    except ValueError:
+        n = 0.0
+    if not n > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``normlab bench``."""
+    p.add_argument("--device", choices=harness.DEVICES, default="cpu",
+                   help="where the tensors live (default: cpu). cuda: CUDA events, an L2 flush"
+                        " before each timed call, a device-to-device copy bandwidth")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes and 3 rounds (tests, smoke runs)")
-    p.add_argument("--norms", type=_list("norm", harness.NORMS), default=harness.NORMS,
-                   help=f"comma-separated, from {','.join(harness.NORMS)} (default: all)")
+    p.add_argument("--norms", type=_list("norm", harness.NORMS), default=None,
+                   help=f"comma-separated, from {','.join(harness.NORMS)} (default: every norm"
+                        " the shapes can run)")
     p.add_argument("--layouts", type=_list("layout", harness.LAYOUTS), default=harness.LAYOUTS,
                    help="layouts of the channel norms: nchw,channels_last (default: both)")
     p.add_argument("--dtypes", type=_list("dtype", tuple(harness.DTYPES)), default=("float32",),
                    help="comma-separated, e.g. float32,bfloat16 (default: float32)")
-    p.add_argument("--shapes", type=_shapes, default=None,
-                   help="e.g. 32x64x56x56,4096x1024: 4-D for the channel norms, 2-D rows for"
-                        " layer_norm and rms_norm (default: the realistic set, or tiny with"
-                        " --quick)")
-    p.add_argument("--passes", type=_list("pass", harness.PASSES), default=harness.PASSES,
-                   help="fwd,fwd+bwd (default: both)")
+    shapes = p.add_mutually_exclusive_group()
+    shapes.add_argument("--shapes", type=_shapes, default=None,
+                        help="e.g. 32x64x56x56,4096x1024: 4-D for the channel norms, 2-D rows for"
+                             " layer_norm and rms_norm (default: the realistic CPU set, or tiny"
+                             " with --quick)")
+    shapes.add_argument("--preset", choices=tuple(harness.PRESETS), default=None,
+                        help="GPU-sized shapes: llm = rows "
+                             + ", ".join("x".join(map(str, s)) for s in harness.PRESETS["llm"])
+                             + "; cnn = "
+                             + ", ".join("x".join(map(str, s)) for s in harness.PRESETS["cnn"])
+                             + " (NCHW and channels_last); all = both")
+    p.add_argument("--passes", type=_list("pass", harness.PASSES), default=None,
+                   help="from fwd,bwd,fwd+bwd; bwd is the backward alone (default: fwd,fwd+bwd"
+                        " on cpu, fwd,bwd on cuda)")
+    p.add_argument("--peers", type=_list("peer", harness.PEER_OPTIONS), default=None,
+                   help="what normlab is timed against, from eager,compile,liger (default:"
+                        " eager,compile, and liger on cuda when liger_kernel imports; liger"
+                        " only has layer_norm and rms_norm)")
     p.add_argument("--rounds", type=_positive, default=None,
                    help="timed rounds per cell, median reported (default 10, 3 with --quick)")
     p.add_argument("--groups", type=_positive, default=32,
@@ -58,8 +84,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="force normlab's backend (normlab.backend(NAME)); default: dispatch")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile peer")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="write bench.csv and bench.md into DIR")
+    p.add_argument("--copy-mib", type=_positive, default=None,
+                   help="buffer size of the copy-bandwidth measurement (default 256 on cpu,"
+                        " 1024 on cuda)")
+    p.add_argument("--no-flush-l2", dest="flush_l2", action="store_false",
+                   help="cuda: time back-to-back calls without flushing the L2 cache")
+    p.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+                   help="start no cell that would end after SECONDS; the rest are reported as"
+                        " not run (default: no limit)")
+    p.add_argument("--out", metavar="DIR|FILE.csv", default=None,
+                   help="write DIR/bench.csv and DIR/bench.md, or FILE.csv and FILE.md; both"
+                        " are rewritten after every cell")
+    p.add_argument("--from-csv", metavar="FILE[,FILE]", default=None,
+                   help="time nothing: read these CSVs (e.g. the parts of a split GPU run),"
+                        " merge them, print the markdown and write --out")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
 
@@ -68,26 +106,52 @@ def config_from_args(args: argparse.Namespace) -> harness.Config:
     return harness.Config(
         norms=args.norms, layouts=args.layouts, dtypes=args.dtypes, shapes=args.shapes,
         passes=args.passes, rounds=args.rounds, backend=args.backend, compile=args.compile,
-        groups=args.groups, quick=args.quick, progress=args.progress,
+        groups=args.groups, quick=args.quick, progress=args.progress, device=args.device,
+        peers=args.peers, preset=args.preset, flush_l2=args.flush_l2,
+        time_budget_s=args.time_budget, copy_mib=args.copy_mib,
     )
 
 
+def out_paths(out: str) -> tuple[str, str]:
+    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/bench.csv and DIR/bench.md."""
+    if out.lower().endswith(".csv"):
+        return out, out[:-4] + ".md"
+    return os.path.join(out, "bench.csv"), os.path.join(out, "bench.md")
+
+
+def _write(results, csv_path: str, md_path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    md = report.to_markdown(results)
+    report.to_csv(results, csv_path)
+    with open(md_path, "w") as f:
+        f.write(md)
+    return md
+
+
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    """Run the benchmark of ``args``; print the markdown, write ``--out``. A bad configuration
-    (a shape no chosen norm can use, an unknown or unavailable backend) is a parser error."""
-    try:
-        config = config_from_args(args)
-    except (ValueError, RuntimeError) as e:  # BackendUnavailableError is a RuntimeError
-        if parser is None:
-            raise
-        parser.error(str(e))
-    results = harness.run(config)
+    """Run the benchmark of ``args`` (or merge ``--from-csv``); print the markdown, write
+    ``--out``. A bad configuration (a shape no chosen norm can use, an unknown or unavailable
+    backend, ``--device cuda`` without CUDA) is a parser error."""
+    paths = out_paths(args.out) if args.out else None
+    if args.from_csv:
+        try:
+            results = report.from_csv([f for f in args.from_csv.split(",") if f])
+        except (OSError, KeyError, ValueError) as e:
+            if parser is None:
+                raise
+            parser.error(f"--from-csv: {type(e).__name__}: {e}")
+    else:
+        try:
+            config = config_from_args(args)
+        except (ValueError, RuntimeError) as e:  # BackendUnavailableError is a RuntimeError
+            if parser is None:
+                raise
+            parser.error(str(e))
+        on_cell = (lambda done: _write(done, *paths)) if paths else None
+        results = harness.run(config, on_cell=on_cell)
     md = report.to_markdown(results)
     print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        report.to_csv(results, os.path.join(args.out, "bench.csv"))
-        with open(os.path.join(args.out, "bench.md"), "w") as f:
-            f.write(md)
-        print(f"wrote {os.path.join(args.out, 'bench.csv')} and bench.md", file=sys.stderr)
+    if paths:
+        _write(results, *paths)
+        print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return 0

@@ -1,5 +1,5 @@
-"""The progress bar of ``normlab bench`` on stderr: ``rich.progress`` when rich is installed
-(the ``bench`` extra), else a one-line counter."""
+"""The progress bar of ``normlab bench`` on stderr: ``rich.progress`` on a terminal when rich is
+installed (the ``bench`` extra), else a counter (one line per step in a log)."""
 from __future__ import annotations
 
 import contextlib
@@ -58,15 +58,20 @@ class _Rich(_Null):
 @contextlib.contextmanager
 def progress_bar(total: int, enabled: bool = True) -> Iterator[_Null]:
     """A bar over ``total`` steps with ``describe(text)`` and ``advance()``; a no-op when not
-    ``enabled``."""
+    ``enabled``. Not on a terminal (a log), the plain counter: one line per step."""
     if not enabled:
         yield _Null()
         return
-    try:
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-    except ImportError:
+    rich = None
+    if getattr(sys.stderr, "isatty", lambda: False)():  # in a log rich draws only at the end
+        try:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            rich = True
+        except ImportError:
+            pass
+    if not rich:
         bar = _Plain(total)
         try:
             yield bar

@@ -1,14 +1,18 @@
 """The minimal-bytes model, and the benchmark's CSV and markdown reports.
 
-Minimal bytes (``shared/design/architecture.md``), with ``s`` the element size: a forward pass
-reads x and writes y, 2s per element (BatchNorm in training 3s: a statistics pass, then a
-normalize pass); a backward pass reads x and dy and writes dx, 3s more (BatchNorm 5s). The
-per-channel and per-row parameters and statistics are ignored. GB/s = bytes / time, compared
-with the copy bandwidth ``2 * bytes / time`` of ``dst.copy_(src)`` measured in the same run.
+Minimal bytes (``shared/design/architecture.md``), with ``s`` the element size, per element of
+x: a forward pass reads x and writes y, 2s (BatchNorm in training 3s: a statistics pass, then a
+normalize pass); a backward pass reads x and dy and writes dx, 3s (BatchNorm 5s). Per element of
+the affine parameters (C or D of them): the forward reads weight and bias (RMSNorm: weight;
+BatchNorm also reads and writes the running mean and variance), the backward reads weight and
+writes the weight and bias gradients. Per-row or per-group statistics and partial sums are not
+counted. GB/s = bytes / time, compared with the copy bandwidth ``2 * bytes / time`` of
+``dst.copy_(src)`` measured in the same run on the same device.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -20,24 +24,41 @@ import torch
 if TYPE_CHECKING:
     from .harness import Result
 
-_FWD = {"batch_norm": 3}  # bytes per element per element size; others 2
+_FWD = {"batch_norm": 3}  # bytes per element of x, in element sizes; others 2
 _BWD = {"batch_norm": 5}  # others 3
+_FWD_PARAMS = {"rms_norm": 1, "batch_norm": 6}  # per parameter element; others 2 (weight, bias)
+_BWD_PARAMS = {"rms_norm": 2}  # read weight, write its gradient (and bias's); others 3
+FWD_TARGET, BWD_TARGET = 0.85, 0.70  # issue 4: fractions of the copy bandwidth, rows 1K-64K
+TARGET_ROWS = (1024, 65536)
 
 
-def minimal_bytes(norm: str, pass_: str, numel: int, element_size: int) -> int:
-    """Bytes a ``pass_`` ("fwd" or "fwd+bwd") of ``norm`` must move over ``numel`` elements.
+def minimal_bytes(norm: str, pass_: str, numel: int, element_size: int, params: int = 0) -> int:
+    """Bytes a ``pass_`` ("fwd", "bwd" or "fwd+bwd") of ``norm`` must move over ``numel``
+    elements of x with ``params`` elements per affine parameter.
 
     >>> minimal_bytes("layer_norm", "fwd+bwd", 4096 * 1024, 4)  # 5 * 4 bytes per element
     83886080
     >>> minimal_bytes("batch_norm", "fwd+bwd", 10, 2)  # 8 * 2 bytes per element
     160
+    >>> minimal_bytes("rms_norm", "bwd", 4 * 8, 2, params=8)  # 3 * 2 * 32 + (2 * 2) * 8
+    224
     """
-    per = _FWD.get(norm, 2)
-    if pass_ == "fwd+bwd":
-        per += _BWD.get(norm, 3)
-    elif pass_ != "fwd":
-        raise ValueError(f"unknown pass {pass_!r}; known passes: fwd, fwd+bwd")
-    return per * numel * element_size
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"unknown pass {pass_!r}; known passes: fwd, bwd, fwd+bwd")
+    per, per_param = 0, 0
+    if pass_ != "bwd":
+        per, per_param = _FWD.get(norm, 2), _FWD_PARAMS.get(norm, 2)
+    if pass_ != "fwd":
+        per, per_param = per + _BWD.get(norm, 3), per_param + _BWD_PARAMS.get(norm, 3)
+    return (per * numel + per_param * params) * element_size
+
+
+BYTES_MODEL = (
+    "bytes = minimal traffic: fwd reads x, writes y (2 x element size per element; BatchNorm"
+    " training 3: a statistics pass, then a normalize pass) and reads weight and bias"
+    " (BatchNorm also reads and writes the running stats); bwd reads x and dy, writes dx (3;"
+    " BatchNorm 5) and reads weight, writes the parameter gradients; per-row/group statistics"
+    " are not counted")
 
 
 def machine() -> str:
@@ -81,8 +102,35 @@ def speedups(results: Sequence[Result], peer: str) -> list[float]:
 CSV_FIELDS = (
     "norm", "layout", "dtype", "shape", "groups", "pass", "peer", "impl", "ms", "ms_min",
     "rounds", "reps", "bytes", "gbps", "roofline", "copy_gbps", "normlab_speedup", "compile_s",
-    "max_abs_diff", "threads", "load", "torch", "error",
+    "max_abs_diff", "threads", "load", "torch", "error", "device", "device_name", "timing",
+    "copy_mib", "versions",
 )
+PEER_NAMES = {"torch": "torch eager", "compile": "torch.compile", "liger": "Liger-Kernel"}
+
+
+@functools.lru_cache(maxsize=None)
+def versions() -> str:
+    """``torch X (CUDA Y), triton Z, normlab W`` of this process."""
+    import normlab
+
+    out = f"torch {torch.__version__}"
+    if torch.version.cuda:
+        out += f" (CUDA {torch.version.cuda})"
+    try:
+        import triton
+        out += f", triton {triton.__version__}"
+    except Exception:  # noqa: BLE001 - not installed, or broken: not a peer of ours
+        pass
+    return out + f", normlab {normlab.__version__}"
+
+
+def _f(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _torch_version(r: Result) -> str:
+    words = r.versions.split()
+    return words[1].rstrip(",") if words[:1] == ["torch"] and len(words) > 1 else torch.__version__
 
 
 def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> str:
@@ -102,10 +150,11 @@ def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> 
             "reps": r.reps, "bytes": c.bytes, "gbps": f"{r.gbps:.4g}",
             "roofline": f"{r.roofline:.4g}", "copy_gbps": f"{r.copy_gbps:.4g}",
             "normlab_speedup": f"{r.ms / ours.ms:.4g}" if ours else "",
-            "compile_s": "" if r.compile_s is None else f"{r.compile_s:.3f}",
-            "max_abs_diff": "" if r.max_abs_diff is None else f"{r.max_abs_diff:.3g}",
-            "threads": r.threads, "load": "" if r.load is None else f"{r.load:.2f}",
-            "torch": torch.__version__, "error": r.error or "",
+            "compile_s": _f(r.compile_s, ".3f"), "max_abs_diff": _f(r.max_abs_diff, ".3g"),
+            "threads": r.threads, "load": _f(r.load, ".2f"),
+            "torch": _torch_version(r), "error": r.error or "",
+            "device": r.device, "device_name": r.device_name, "timing": r.timing,
+            "copy_mib": r.copy_mib or "", "versions": r.versions,
         })
     text = buf.getvalue()
     if path is not None:
@@ -114,10 +163,47 @@ def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> 
     return text
 
 
+def from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Result]:
+    """The Results of one or more CSVs written by :func:`to_csv` (older CSVs without the device
+    columns read as CPU runs), in file order: to merge runs and render them again. A cell and
+    peer seen twice keeps the later row, unless that one is n/a and the earlier one is not (a
+    rerun of the cells a time budget cut keeps the cells timed before)."""
+    from .harness import Cell, Result
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+
+    def num(text, cast=float):
+        return None if text in (None, "") else cast(text)
+
+    out: dict = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                cell = Cell(row["norm"], row["layout"], row["dtype"],
+                            tuple(int(d) for d in row["shape"].split("x")), row["pass"],
+                            int(row["groups"] or 0))
+                r = Result(
+                    cell=cell, peer=row["peer"], impl=row["impl"], ms=float(row["ms"]),
+                    ms_min=float(row["ms_min"]), rounds=int(row["rounds"]),
+                    reps=int(row["reps"]), copy_gbps=float(row["copy_gbps"]),
+                    threads=int(row["threads"]), compile_s=num(row.get("compile_s")),
+                    max_abs_diff=num(row.get("max_abs_diff")), error=row.get("error") or None,
+                    load=num(row.get("load")), device=row.get("device") or "cpu",
+                    device_name=row.get("device_name") or "", timing=row.get("timing") or "",
+                    copy_mib=num(row.get("copy_mib"), int) or 0,
+                    versions=row.get("versions") or (f"torch {row['torch']}"
+                                                     if row.get("torch") else ""))
+                seen = out.get((cell, r.peer))
+                if seen is None or not r.error or seen.error:
+                    out[(cell, r.peer)] = r
+    return list(out.values())
+
+
 def _ms(r: Result | None) -> str:
     if r is None:
         return "-"
-    return "error" if r.error else f"{r.ms:.3f}" if r.ms < 10 else f"{r.ms:.1f}"
+    return "n/a" if r.error else f"{r.ms:.3f}" if r.ms < 10 else f"{r.ms:.1f}"
 
 
 def _x(num: Result | None, den: Result | None) -> str:
@@ -126,85 +212,190 @@ def _x(num: Result | None, den: Result | None) -> str:
     return f"{num.ms / den.ms:.2f}x"
 
 
-def summary(results: Sequence[Result], copy_gbps: float) -> str:
-    """The one-line summary: geometric-mean speedups of normlab and the copy bandwidth."""
+def _peers(results: Sequence[Result]) -> list[str]:
+    """The peers other than normlab present in ``results``, in the harness's order."""
+    from .harness import PEERS
+
+    present = {r.peer for r in results}
+    return [p for p in PEERS[1:] if p in present]
+
+
+def _gbps_text(results: Sequence[Result], copy_gbps) -> str:
+    if copy_gbps is not None:
+        return f"{copy_gbps:.1f} GB/s"
+    values = sorted({round(r.copy_gbps, 1) for r in results if math.isfinite(r.copy_gbps)})
+    if not values:
+        return "nan GB/s"
+    return f"{values[0]:.1f} GB/s" if len(values) == 1 else (
+        f"{values[0]:.1f} to {values[-1]:.1f} GB/s (runs merged; each cell against its own run's)")
+
+
+def summary(results: Sequence[Result], copy_gbps: float | None = None) -> str:
+    """The one-line summary: geometric-mean speedups of normlab over each peer and the copy
+    bandwidth (default: the results' own)."""
     parts = []
-    for peer, what in (("torch", "torch eager"), ("compile", "torch.compile")):
+    peers = _peers(results)
+    for peer in ("torch", "compile", "liger"):
         s = speedups(results, peer)
         if s:
-            parts.append(f"{geomean(s):.2f}x over {what} ({len(s)} cells)")
+            parts.append(f"{geomean(s):.2f}x over {PEER_NAMES[peer]} ({len(s)} cells)")
         elif peer == "compile":
             parts.append("torch.compile not run")
+        elif peer in peers:
+            parts.append(f"{PEER_NAMES[peer]} n/a")
     return (f"**Summary:** geometric-mean speedup of normlab {', '.join(parts)}; "
-            f"copy bandwidth {copy_gbps:.1f} GB/s.")
+            f"copy bandwidth {_gbps_text(results, copy_gbps)}.")
 
 
-def to_markdown(results: Sequence[Result], copy_gbps: float | None = None) -> str:
-    """A markdown report: a header (machine, threads, versions, backend, copy bandwidth), one
-    table row per cell and the summary line. ``copy_gbps`` defaults to the results' own."""
-    import normlab
+def _listing(items: list[str], limit: int = 12) -> str:
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
 
-    if copy_gbps is None:
-        copy_gbps = results[0].copy_gbps if results else math.nan
+
+def targets(results: Sequence[Result]) -> list[str]:
+    """Issue 4's targets, judged on the normlab rows of ``results``: LayerNorm/RMSNorm on rows
+    of 1K-64K elements at >= ``FWD_TARGET`` (fwd) and >= ``BWD_TARGET`` (bwd) of the copy
+    bandwidth and ahead of torch.compile and Liger-Kernel; GroupNorm/InstanceNorm/BatchNorm
+    ahead of torch eager in each layout. A cell where normlab or the peer is n/a is a miss."""
+    from .harness import CHANNEL_NORMS, ROW_NORMS
+
     cells = _by_cell(results)
-    has_compile = any(r.peer == "compile" for r in results)
-    impls = sorted({r.impl for r in results if r.peer == "normlab"})
-    rounds = sorted({r.rounds for r in results})
+    lo, hi = TARGET_ROWS
+    rows = {c: p for c, p in cells.items()
+            if c.norm in ROW_NORMS and lo <= c.shape[-1] <= hi and "normlab" in p}
+    lines = []
+    for pass_, goal in (("fwd", FWD_TARGET), ("bwd", BWD_TARGET)):
+        judged = [(c, p["normlab"]) for c, p in rows.items() if c.pass_ == pass_]
+        if not judged:
+            continue
+        miss = [f"{c.label} " + ("n/a" if r.error else f"{r.roofline:.2f}")
+                for c, r in judged if r.error or not r.roofline >= goal]
+        lines.append(f"- LayerNorm/RMSNorm {pass_} at >= {goal:.2f} of the copy bandwidth: "
+                     f"{len(judged) - len(miss)} of {len(judged)} cells"
+                     + (f"; missed: {_listing(miss)}" if miss else ""))
+
+    def ahead(group: dict, peer: str, what: str) -> None:
+        judged = [(c, p) for c, p in group.items() if peer in p]
+        if not judged:
+            return
+        miss = []
+        for c, p in judged:
+            s = p[peer].ms / p["normlab"].ms
+            if not (math.isfinite(s) and s > 1):
+                miss.append(f"{c.label} " + (f"{s:.2f}x" if math.isfinite(s) else "n/a"))
+        lines.append(f"- ahead of {PEER_NAMES[peer]} on {what}: {len(judged) - len(miss)} of "
+                     f"{len(judged)} cells" + (f"; not: {_listing(miss)}" if miss else ""))
+
+    ahead(rows, "compile", "LayerNorm/RMSNorm")
+    ahead(rows, "liger", "LayerNorm/RMSNorm")
+    for layout in ("nchw", "channels_last"):
+        group = {c: p for c, p in cells.items()
+                 if c.norm in CHANNEL_NORMS and c.layout == layout and "normlab" in p}
+        ahead(group, "torch", f"GroupNorm/InstanceNorm/BatchNorm {layout}")
+    return lines
+
+
+def _timing_text(results: Sequence[Result]) -> str:
+    rounds = ", ".join(map(str, sorted({r.rounds for r in results})))
+    timing = next((r.timing for r in results if r.timing), "perf_counter")
+    if timing.startswith("cuda-events"):
+        flush = timing.partition("L2 flush ")[2]
+        clock = ("CUDA events around each call" + (
+            f", the L2 cache flushed ({flush} written) before each call outside the timed"
+            " region" if flush else ", around back-to-back calls (no L2 flush)")
+            + "; torch.cuda.synchronize() before any host clock is read")
+    else:
+        clock = "time.perf_counter around back-to-back calls"
+    return (f"- time: median of {rounds} rounds, peers interleaved round-robin after a warm-up"
+            f" call; {clock}; fwd runs under `no_grad`, bwd is `y.backward(dy,"
+            " retain_graph=True)` on one forward's graph, fwd+bwd is the forward then"
+            " `y.backward(dy)`; fresh grads for x, weight, bias")
+
+
+def to_markdown(results: Sequence[Result], copy_gbps: float | None = None,
+                show_targets: bool | None = None) -> str:
+    """A markdown report: a header (device, versions, backend, peers, copy bandwidth, clock,
+    bytes model), one table row per cell, the n/a reasons and the summary line; on CUDA (or
+    with ``show_targets``) the issue-4 targets. ``copy_gbps`` defaults to the results' own."""
+    cells = _by_cell(results)
+    peers = _peers(results)
+    impls = sorted({r.impl for r in results if r.peer == "normlab" and not r.error})
     threads = results[0].threads if results else torch.get_num_threads()
     groups = sorted({c.groups for c in cells if c.groups})
-    lines = [
-        "# normlab bench",
-        "",
-        f"- machine: {machine()}; torch threads: {threads}",
-        f"- torch {torch.__version__}, normlab {normlab.__version__}, normlab backend: "
-        f"{', '.join(impls) or '-'}",
-        f"- copy bandwidth: {copy_gbps:.1f} GB/s (`dst.copy_(src)`, 2 x bytes / time)",
-        f"- time: median of {', '.join(map(str, rounds))} rounds, peers interleaved round-robin"
-        " after a warm-up call; fwd runs under `no_grad`, fwd+bwd is `y.backward(dy)` with"
-        " fresh grads for x, weight, bias",
-        "- GB/s and roofline (fraction of the copy bandwidth) are normlab's, from the"
-        " minimal-bytes model: fwd 2 x element size per element (BatchNorm training 3), bwd 3"
-        " more (BatchNorm 5); speedup = peer ms / normlab ms (> 1: normlab is faster)",
+    cuda = any(r.device == "cuda" for r in results)
+    name = next((r.device_name for r in results if r.device_name), "")
+    vers = next((r.versions for r in results if r.versions), "") or versions()
+    copy_mib = next((r.copy_mib for r in results if r.copy_mib), 0)
+    peer_impls = [f"{PEER_NAMES[p]} ({', '.join(sorted({r.impl for r in results if r.peer == p}))})"
+                  for p in peers]
+    lines = ["# normlab bench", ""]
+    if cuda:
+        lines.append(f"- device: {name or 'CUDA device'} (cuda)")
+    else:
+        lines.append(f"- machine: {name or machine()}; torch threads: {threads}")
+    lines += [
+        f"- {vers}; normlab backend: {', '.join(impls) or '-'}",
+        f"- peers: {', '.join(peer_impls) or 'none'}",
+        f"- copy bandwidth: {_gbps_text(results, copy_gbps)} ("
+        + ("device-to-device " if cuda else "") + "`dst.copy_(src)`"
+        + (f" of {copy_mib} MiB buffers" if copy_mib else "")
+        + ", 2 x bytes / time, median of samples before and after the cells)",
+        _timing_text(results),
+        f"- {BYTES_MODEL}; GB/s and roofline (fraction of the copy bandwidth) are normlab's;"
+        " speedup = peer ms / normlab ms (> 1: normlab is faster)",
     ]
     loads = [r.load for r in results if r.load is not None]
-    if loads:
+    if loads and not cuda:
         lines.append(f"- 1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}"
                      f" (the benchmark itself accounts for up to {threads}; more means other"
                      " processes were competing for the CPUs)")
     if groups:
         lines.append(f"- group_norm: G = {', '.join(map(str, groups))}")
     lines.append("")
-    head = ["norm", "layout", "dtype", "shape", "pass", "normlab ms", "torch ms"]
-    if has_compile:
-        head.append("compile ms")
-    head += ["GB/s", "roofline", "vs torch"]
-    if has_compile:
-        head += ["vs compile", "compile s"]
+    head = ["norm", "layout", "dtype", "shape", "pass", "normlab ms"]
+    head += [f"{p} ms" for p in peers]
+    head += ["GB/s", "roofline"] + [f"vs {p}" for p in peers]
+    if "compile" in peers:
+        head.append("compile s")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c, peers in cells.items():
-        ours, theirs, comp = peers.get("normlab"), peers.get("torch"), peers.get("compile")
+    for c, got in cells.items():
+        ours = got.get("normlab")
         ok = ours is not None and not ours.error
         row = [c.norm if not c.groups else f"group_norm G={c.groups}", c.layout, c.dtype,
-               c.shape_str, c.pass_, _ms(ours), _ms(theirs)]
-        if has_compile:
-            row.append(_ms(comp))
-        row += [f"{ours.gbps:.1f}" if ok else "-", f"{ours.roofline:.2f}" if ok else "-",
-                _x(theirs, ours)]
-        if has_compile:
-            row += [_x(comp, ours),
-                    f"{comp.compile_s:.1f}" if comp and comp.compile_s is not None else "-"]
+               c.shape_str, c.pass_, _ms(ours)]
+        row += [_ms(got.get(p)) for p in peers]
+        row += [f"{ours.gbps:.1f}" if ok else "-", f"{ours.roofline:.2f}" if ok else "-"]
+        row += [_x(got.get(p), ours) for p in peers]
+        if "compile" in peers:
+            comp = got.get("compile")
+            row.append(f"{comp.compile_s:.1f}" if comp and comp.compile_s is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
-    errors = [f"- {r.peer} on {r.cell.label}: {r.error}" for r in results if r.error]
-    if errors:
-        lines += ["", "Errors:", *errors]
-    if has_compile:
+    reasons: dict = {}  # error -> (peers, cell labels), in order of appearance
+    for r in results:
+        if r.error:
+            peers_, labels = reasons.setdefault(r.error, ({}, {}))
+            peers_[r.peer] = labels[r.cell.label] = None
+    if reasons:
+        lines += ["", "Not available (n/a):"]
+        for error, (peers_, labels) in reasons.items():
+            n = len(labels)
+            lines.append(f"- {', '.join(peers_)} on {n} cell{'s' * (n > 1)}: {error}"
+                         f" ({_listing(list(labels), 4)})")
+    if "compile" in peers:
         total = sum(r.compile_s or 0 for r in results if r.peer == "compile")
         lines += ["", f"torch.compile: {total:.0f} s compiling in all (the first call per cell,"
-                      " inductor's caches as found)."]
-    diffs = [(r.max_abs_diff, r.cell) for r in results
-             if r.max_abs_diff is not None and math.isfinite(r.max_abs_diff)]
-    if diffs:
-        worst, cell = max(diffs, key=lambda d: d[0])
-        lines += ["", f"Largest forward difference |normlab - torch|: {worst:.2g} ({cell.label})."]
+                      " inductor's caches as found; the passes of one shape share a compilation)."]
+    for peer in ("normlab", "liger"):
+        diffs = [(r.max_abs_diff, r.cell) for r in results if r.peer == peer
+                 and r.max_abs_diff is not None and math.isfinite(r.max_abs_diff)]
+        if diffs:
+            worst, cell = max(diffs, key=lambda d: d[0])
+            lines += ["", f"Largest forward difference |{peer} - torch|: {worst:.2g}"
+                          f" ({cell.label})."]
+    if show_targets or (show_targets is None and cuda):
+        found = targets(results)
+        if found:
+            lines += ["", f"Targets (issue 4; rows of {TARGET_ROWS[0]} to {TARGET_ROWS[1]}"
+                          " elements):", *found]
     lines += ["", summary(results, copy_gbps), ""]
     return "\n".join(lines)
