@@ -769,58 +769,234 @@ def test_missing_dependency_makes_a_backend_unavailable(monkeypatch):
             pass
 
 
-def test_bfloat16_rows_run_in_kernel_without_float32_copies(monkeypatch):
-    """bfloat16 LayerNorm/RMSNorm/GroupNorm/InstanceNorm rows are widened row by row inside the
-    kernels: the bf16 kernels run, forward and backward, and agree with the reference."""
+# --------------------------------------------------------------------------------------------
+# 16-bit floats: bfloat16 and float16 read and written in place by the *_16 kernels
+# --------------------------------------------------------------------------------------------
+HALF = [BF16, F16]
+
+# norm, shape, layout, fused (nchw: one-region kernels), the kernels that must run in forward and
+# in backward. Odd sizes: rows and channels that are no multiple of the vector width, rows longer
+# than the kernels' 1024-element scratch slice, more channels than fit one slice (nhwc).
+HALF_PATHS = [
+    ("batch_train", (3, 16, 5, 7), "contiguous", True, ["nchw_forward_16"], ["nchw_backward_16"]),
+    ("batch_train", (3, 5, 7, 9), "contiguous", False, ["nchw_stats_16", "nchw_affine_16"],
+     ["nchw_grad_sums_16", "nchw_dx_16"]),
+    ("batch_train", (2, 12, 1100), "contiguous", True, ["nchw_forward_16"], ["nchw_backward_16"]),
+    ("batch_train", (2, 3, 1100), "contiguous", False, ["nchw_stats_16", "nchw_affine_16"],
+     ["nchw_grad_sums_16", "nchw_dx_16"]),
+    ("batch_eval", (3, 16, 5, 7), "contiguous", True, ["nchw_affine_16"], ["nchw_backward_16"]),
+    ("batch_eval", (3, 5, 7, 9), "contiguous", False, ["nchw_affine_16"],
+     ["nchw_grad_sums_16", "nchw_dx_16"]),
+    ("instance_eval", (3, 5, 7, 9), "contiguous", True, ["nchw_affine_16"], ["nchw_backward_16"]),
+    ("batch_train", (50, 33), "contiguous", None, ["nhwc_moments_16", "nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),  # BatchNorm1d (N, C)
+    ("batch_eval", (50, 33), "contiguous", None, ["nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("batch_train", (3, 5, 7, 9), "channels_last", None, ["nhwc_moments_16", "nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("batch_eval", (3, 5, 7, 9), "channels_last", None, ["nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("batch_train", (2, 5, 3, 4, 6), "channels_last", None, ["nhwc_moments_16", "nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),  # channels_last_3d
+    ("batch_train", (3, 300, 70), "channels_last", None, ["nhwc_moments_16", "nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),  # (N, L, C) sequence, C > a slice's rows
+    ("batch_eval", (3, 300, 70), "channels_last", None, ["nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("instance", (3, 6, 7, 9), "channels_last", None, ["nhwc_moments_16", "nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("instance_eval", (3, 6, 7, 9), "channels_last", None, ["nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("group", (3, 6, 7, 9), "channels_last", None, ["nhwc_moments_16", "nhwc_affine_16"],
+     ["nhwc_grad_moments_16", "nhwc_dx_16"]),
+    ("group", (3, 6, 7, 9), "contiguous", None, ["rows_forward_16"], ["rows_backward_16"]),
+    ("instance", (3, 6, 7, 9), "contiguous", None, ["rows_forward_16"], ["rows_backward_16"]),
+    ("layer", (3, 6, 7, 9), "contiguous", None, ["rows_forward_16"], ["rows_backward_16"]),
+    ("rms", (3, 6, 7, 9), "contiguous", None, ["rows_forward_16"], ["rows_backward_16"]),
+]
+
+
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """The 16-bit patterns of t as integers in the order of the values (-0 and +0 equal), so
+    that a difference counts ulps."""
+    b = t.view(torch.int16).int() & 0xFFFF
+    return torch.where(b >= 0x8000, 0x8000 - b, b)
+
+
+def assert_within_ulps(actual, truth64, what, most=0.999):
+    """``actual`` (16-bit) at most 1 ulp from ``truth64`` correctly rounded to its dtype in at
+    least a fraction ``most`` of the elements, and within the dtype's tolerance everywhere."""
+    assert actual.dtype in HALF, what
+    rounded = truth64.to(actual.dtype)
+    ulps = (ordered_bits(actual) - ordered_bits(rounded)).abs()
+    ok = (ulps <= 1).double().mean().item()
+    assert ok >= most, f"{what}: {1 - ok:.2%} elements more than 1 ulp off (max {ulps.max()})"
+    assert_close(actual, rounded, TOL[actual.dtype], what)
+
+
+def half_run(case: Case, layout: str, tensors: dict, backend="cpu"):
+    """run() with the case's 16-bit parameters and running statistics as given."""
+    return run(case, backend, layout, tensors=tensors)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("norm, shape, layout, fused, fwd, bwd", HALF_PATHS,
+                         ids=[f"{n}-{'x'.join(map(str, s))}-{lay}" + (
+                             "" if f is None else ("-fused" if f else "-split"))
+                              for n, s, lay, f, _, _ in HALF_PATHS])
+def test_16bit_kernels_read_in_place_and_round_correctly(count_kernels, monkeypatch, dtype, norm,
+                                                         shape, layout, fused, fwd, bwd):
+    """bfloat16/float16 in every layout run the 16-bit kernels on the input's own memory (no
+    float32 copy), forward and backward; y and dx are within 1 ulp of the float64 truth
+    correctly rounded (nearly all exact), parameter gradients too (in their dtype), and all of
+    them agree with the float32-copy path (the input widened, float32 kernels, rounded)."""
+    from normlab.kernels import cpu as C
+
+    if fused is not None:
+        monkeypatch.setattr(C, "_fuse_channels", lambda c, _f=fused: _f)
+    case = Case(norm, shape, dtype, groups=2 if norm == "group" else 1, offset=0.5)
+    t = case.tensors()
+    half_run(case, layout, t)  # compile (or load) the kernels before counting
+    calls = count_kernels()
+    ours = half_run(case, layout, t)
+    names = [n for n, _ in calls]
+    assert names[:len(fwd)] == fwd and names[len(fwd):] == bwd, names
+    assert ours["y"].stride() == with_layout(t["x"], layout).stride()  # the input's layout
+    assert ours["y"].dtype == dtype and ours["dx"].dtype == dtype
+    truth = run(replace(case, dtype=F64), "torch.nn.functional",
+                tensors={k: None if v is None else v.double() for k, v in t.items()})
+    for key in ("y", "dx", "dweight", "dbias"):
+        if ours[key] is not None:
+            assert_within_ulps(ours[key], truth[key], f"{case} {layout}: {key} vs float64")
+    # the float32-copy path: x and the parameters widened, float32 kernels, outputs rounded
+    t32 = {k: None if v is None else v.float() for k, v in t.items()}
+    copy32 = run(replace(case, dtype=F32), "cpu", layout, tensors=t32)
+    for key in ("y", "dx"):
+        same = (ours[key] == copy32[key].to(dtype)).double().mean().item()
+        assert same >= 0.99, f"{key}: {1 - same:.2%} differ from the float32-copy path"
+        assert_within_ulps(ours[key], copy32[key].double(), f"{key} vs float32-copy path",
+                           most=1.0)
+    for key in ("running_mean", "running_var"):
+        if ours[key] is not None:
+            assert_close(ours[key], copy32[key].to(dtype), TOL[dtype], key)
+
+
+def test_16bit_kernels_take_the_input_memory(count_kernels):
+    """No copy of a 16-bit input: the first kernel gets x's own buffer (NCHW and channels-last)."""
+    calls = count_kernels()
+    for layout, shape in (("contiguous", (4, 16, 6, 5)), ("channels_last", (4, 16, 6, 5)),
+                          ("contiguous", (40, 16))):
+        x = with_layout(torch.randn(shape).bfloat16(), layout)
+        calls.clear()
+        with normlab.backend("cpu"):
+            F.batch_norm(x, None, None, training=True)
+        assert calls and calls[0][1] == x.data_ptr(), (layout, calls)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_16bit_fused_and_split_nchw_kernels_agree_bitwise(monkeypatch, layout):
+    """The one-region nchw kernels and the two-pass ones give the same bits (which one runs
+    depends on the thread count), and so do 1 and 2 threads."""
+    from normlab.kernels import cpu as C
+
+    case = Case("batch_train", (4, 16, 9, 37), BF16, offset=1.0)
+    t = case.tensors()
+    got = []
+    for fused, threads in ((True, 2), (False, 2), (True, 1)):
+        monkeypatch.setattr(C, "_fuse_channels", lambda c, _f=fused: _f)
+        with num_threads(threads):
+            got.append(half_run(case, layout, t))
+    for other in got[1:]:
+        for key, a in got[0].items():
+            assert a is None or torch.equal(a, other[key]), key
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_16bit_large_mean_statistics(dtype):
+    """Shifted sums in the 16-bit kernels too: 300 + N(0, 1) (bfloat16 spacing 2 there, float16
+    0.25), statistics and output as float64 gives them from the same rounded input."""
+    for norm, layout in (("batch_train", "contiguous"), ("batch_train", "channels_last"),
+                         ("group", "contiguous"), ("layer", "contiguous")):
+        case = Case(norm, (8, 16, 12, 12), dtype, groups=4 if norm == "group" else 1,
+                    offset=300.0, scale=1.0 if dtype == F16 else 8.0, running=False)
+        t = case.tensors()
+        ours = half_run(case, layout, t)
+        truth = run(replace(case, dtype=F64), "torch.nn.functional",
+                    tensors={k: None if v is None else v.double() for k, v in t.items()})
+        assert_within_ulps(ours["y"], truth["y"], f"{norm} {layout} {dtype}: y")
+
+
+def test_bfloat16_widening_is_exact_for_every_pattern():
     from normlab.kernels import _numba_kernels as K
 
-    seen = []
-    for name in ("rows_forward_bf16", "rows_backward_bf16"):
-        real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name: seen.append(_n) or _r(*a))
-    g = torch.Generator().manual_seed(4)
-    x = (torch.randn(6, 8, 5, 7, generator=g) * 3 + 2).bfloat16()
-    w, b = torch.randn(8, generator=g).bfloat16(), torch.randn(8, generator=g).bfloat16()
-    dy = torch.randn(6, 8, 5, 7, generator=g).bfloat16()
-    calls = {
-        "layer": lambda x, w, b: F.layer_norm(x, (7,), w[:7], b[:7]),
-        "rms": lambda x, w, b: F.rms_norm(x, (5, 7)),
-        "group": lambda x, w, b: F.group_norm(x, 4, w, b),
-        "instance": lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
-    }
-    for name, fn in calls.items():
-        seen.clear()
-        outs = {}
-        for backend in ("cpu", "reference"):
-            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-            with normlab.backend(backend):
-                y = fn(*leaves)
-            y.backward(dy)
-            outs[backend] = [y] + [t.grad for t in leaves if t.grad is not None]
-        assert seen == ["rows_forward_bf16", "rows_backward_bf16"], (name, seen)
-        for a, e in zip(outs["cpu"], outs["reference"]):
-            assert a.dtype == e.dtype == torch.bfloat16
-            scale = e.float().abs().max().item() + 1
-            assert (a.float() - e.float()).abs().max().item() <= 2e-2 * scale, name
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(bits.size, np.float32)
+    K._widen(bits, out)
+    want = torch.from_numpy(bits.view(np.int16)).view(BF16).float().numpy()
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))  # NaN payloads included
 
 
-def test_bfloat16_rounding_matches_torch():
-    """The kernels' float32 -> bfloat16 rounding (nearest even, NaN kept) is torch's."""
-    import numpy as np
-
+def test_float16_widening_is_exact_for_every_pattern():
     from normlab.kernels import _numba_kernels as K
 
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    out = np.empty(bits.size, np.float32)
+    K._widen(bits, out)
+    want = torch.from_numpy(bits).view(F16).float().numpy()
+    nan = np.isnan(want)
+    assert np.isnan(out[nan]).all() and nan.sum() == 2 * 1023
+    assert np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0, subnormals
+
+
+def narrowing_inputs() -> torch.Tensor:
+    """float32 values for the rounding tests: random bit patterns (every exponent, NaNs and
+    infinities among them), random magnitudes, and edge cases: signed zeros, infinities, NaNs
+    with several payloads, the largest values, subnormals, and ties of both 16-bit formats
+    (halfway between two neighbours, both parities) with their neighbours one float32 ulp off."""
     g = torch.Generator().manual_seed(5)
-    f = torch.cat([torch.randn(4096, generator=g) * 10 ** torch.randint(-30, 30, (4096,),
-                                                                          generator=g),
-                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"),
-                                 1.00390625, 1.01171875, 3.4e38, 1e-40])])
+    rand_bits = torch.randint(-2**31, 2**31, (1 << 18,), generator=g, dtype=torch.int64)
+    rand_bits = rand_bits.to(torch.int32).view(F32)
+    mags = torch.randn(1 << 16, generator=g) * 10.0 ** torch.randint(-40, 39, (1 << 16,),
+                                                                      generator=g)
+    ties = []
+    for dt in (BF16, F16):  # a 16-bit value and the next one away from zero (bits + 1)
+        lo = torch.randint(0, 0x7FFF, (1 << 14,), generator=g)
+        lo = torch.where(torch.rand(lo.shape, generator=g) < 0.5, lo, lo | 0x8000)
+        pair = [b.to(torch.int32).to(torch.int16).view(dt).double() for b in (lo, lo + 1)]
+        ok = torch.isfinite(pair[0]) & torch.isfinite(pair[1])
+        tie = ((pair[0] + pair[1]) / 2)[ok].float()  # exact in float32
+        ties += [tie, torch.nextafter(tie, torch.tensor(math.inf)),
+                 torch.nextafter(tie, torch.tensor(-math.inf))]
+    edge = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 3.4028235e38,
+                         -3.4028235e38, 1e-40, -1e-40, 1.4e-45, 6e-8, 3e-8, 6.1e-5, 65504.0,
+                         65519.0, 65520.0, 1.00390625, 1.01171875, 1.0009765625, 1.0029296875])
+    payloads = torch.tensor([0x7F800001, 0x7FC00000, 0xFF800001, 0x7FFFFFFF, 0x7F80FFFF,
+                             0xFFC12345], dtype=torch.int64).to(torch.int32).view(F32)
+    return torch.cat([rand_bits, mags, *ties, edge, payloads])
+
+
+def test_bfloat16_narrowing_matches_torch():
+    """float32 -> bfloat16 round to nearest even, as torch's ``.bfloat16()``; NaN stays NaN."""
+    from normlab.kernels import _numba_kernels as K
+
+    f = narrowing_inputs()
     out = np.empty(f.numel(), np.uint16)
-    K._narrow(f.numpy().view(np.uint32), out)
-    got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    K._narrow(f.numpy(), out)
+    got = torch.from_numpy(out.view(np.int16)).view(BF16)
     want = f.bfloat16()
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
-    back = np.empty(f.numel(), np.float32)
-    K._widen(out, back.view(np.uint32))
-    assert torch.equal(torch.from_numpy(back)[~want.isnan()], want.float()[~want.isnan()])
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))  # -0 too
+
+
+def test_float16_narrowing_matches_torch():
+    """float32 -> float16 as torch's ``.half()``: nearest even, subnormals, overflow to inf."""
+    from normlab.kernels import _numba_kernels as K
+
+    f = narrowing_inputs()
+    out = np.empty(f.numel(), np.int16)
+    K._narrow(f.numpy(), out)
+    got = torch.from_numpy(out).view(F16)
+    want = f.half()
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))

@@ -1,4 +1,5 @@
-r"""Numba kernels of the ``cpu`` backend, on NumPy arrays (float32 or float64, C-contiguous).
+r"""Numba kernels of the ``cpu`` backend, on NumPy arrays (float32 or float64, C-contiguous;
+bfloat16 and float16 as their bit patterns, see the 16-bit section at the end).
 
 Three layouts cover the five norms (the canonical view of ``design/architecture.md``):
 
@@ -23,7 +24,11 @@ cancel at large means.
 No ``fastmath``. Reassociation would rewrite ``(x - shift) - delta`` as ``x - mean`` (measured:
 4e-3 error at 1e5 + N(0, 1)); even ``contract`` alone (fused multiply-add) breaks an exact
 cancellation in the backward, where ``g * w - <g w>`` must subtract the same rounded products
-it averaged (measured: dx = 2e-4 instead of 0 for one-element sets with eps 1e-6). Parameter
+it averaged (measured: dx = 2e-4 instead of 0 for one-element sets with eps 1e-6). One
+exception, in the 16-bit nchw kernels: the slice sums :func:`_chunk_moments` and
+:func:`_chunk_grad_moments` carry ``reassoc`` on their accumulating adds alone (every other
+operation comes from strict helpers, whose instructions keep no flags), so that LLVM vectorizes
+them with register accumulators. Parameter
 gradients are summed per fixed block of work and the blocks reduced in order: no atomics, and
 results do not depend on the thread count.
 
@@ -33,14 +38,24 @@ Numba 0.68 pitfalls met here (each cost speed or correctness, found by tests and
   silently lost when the body also holds an inner reduction loop: index the full array;
 * a computed index (``w[base + j]``) keeps Numba's negative-index wraparound in the loop and
   blocks vectorization: slice first (``wr = w[base:base + d]``), then index with ``range``;
-* the lane loops vectorize only over fixed-length slices (``seg[q * 32:(q + 1) * 32]``).
+* the lane loops vectorize only over fixed-length slices (``seg[q * 32:(q + 1) * 32]``);
+* Numba has no float16 on the CPU (``NotImplementedError: float16``): float16 is converted with
+  LLVM's own ``fpext``/``fptrunc`` on ``half`` through two ``@intrinsic``s (F16C instructions,
+  exact, vectorized);
+* the float32 ``_moments`` lanes live in memory (an array; LLVM cannot prove it does not alias
+  the data) and are loaded and stored every 32 elements, and the float64 join of the 64 lanes is
+  a chain of dependent adds: about 0.2 ns an element even in L1;
+* ``x[p, a:b].reshape(n)`` once per block of rows cost 10-20 % of an nhwc pass: reshape the
+  item's whole (R, C) plane once and slice that.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 # pragma: no cover throughout: compiled code is not seen by coverage.
 
@@ -317,79 +332,21 @@ def segments_backward(x, w, dy, stats, seg, dx, dw_part, db_part):  # pragma: no
                                db_part[t, lo:hi], acc, cs)
 
 
-# --- bfloat16 rows: each row is widened to float32 in a cache-resident scratch row, run through
-# the float32 row routines, and rounded back; no full-size float32 copy of x, dy, y or dx.
-
-_U16 = np.uint32(16)
-
-
-@njit(cache=True)
-def _widen(src, bits):  # pragma: no cover
-    """bfloat16 bit patterns (uint16) -> float32, written through ``bits`` (a uint32 view)."""
-    for j in range(src.shape[0]):
-        bits[j] = np.uint32(src[j]) << _U16
-
-
-@njit(cache=True)
-def _narrow(bits, dst):  # pragma: no cover
-    """float32 (as uint32 bits) -> bfloat16 bits, round to nearest even; NaN stays NaN."""
-    for j in range(dst.shape[0]):
-        v = bits[j]
-        r = (v + np.uint32(0x7FFF) + ((v >> _U16) & np.uint32(1))) >> _U16
-        nan = (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        dst[j] = np.uint16(0x7FC0) if nan else np.uint16(r)
-
-
-@njit(parallel=True, cache=True, fastmath=_FM)
-def rows_forward_bf16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
-    """:func:`rows_forward` (seg = 0) or :func:`segments_forward` on bfloat16 bits x, y."""
-    m, d = x.shape
-    cpr = d // seg if seg > 0 else d
-    kk = w.shape[0] // cpr
-    blocks = min(m, 256)
-    per = (m + blocks - 1) // blocks
-    for t in prange(blocks):
-        acc = np.empty(2 * _L, np.float32)
-        xf, yf = np.empty(d, np.float32), np.empty(d, np.float32)
-        xb, yb = xf.view(np.uint32), yf.view(np.uint32)
-        for i in range(t * per, min(m, (t + 1) * per)):
-            _widen(x[i], xb)
-            if seg > 0:
-                base = (i % kk) * cpr
-                _segments(xf, w[base:base + cpr], b[base:base + cpr], seg, eps, yf, stats, i,
-                          acc)
-            else:
-                _row(xf, w, b, eps, centered, yf, stats, i, acc)
-            _narrow(yb, y[i])
-
-
-@njit(parallel=True, cache=True, fastmath=_FM)
-def rows_backward_bf16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # pragma: no cover
-    """:func:`rows_backward` (seg = 0) or :func:`segments_backward` on bfloat16 bits x, dy,
-    dx (float32 partials)."""
-    m, d = x.shape
-    cpr = d // seg if seg > 0 else d
-    kk = w.shape[0] // cpr
-    blocks = dw_part.shape[0]
-    per = (m + blocks - 1) // blocks
-    for t in prange(blocks):
-        acc = np.empty(2 * _L, np.float32)
-        cs = np.empty(2, np.float32)
-        xf, gf, of = np.empty(d, np.float32), np.empty(d, np.float32), np.empty(d, np.float32)
-        xb, gb, ob = xf.view(np.uint32), gf.view(np.uint32), of.view(np.uint32)
-        for i in range(t * per, min(m, (t + 1) * per)):
-            _widen(x[i], xb)
-            _widen(dy[i], gb)
-            if seg > 0:
-                lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
-                _segments_backward(xf, gf, w[lo:hi], seg, stats, i, of, dw_part[t, lo:hi],
-                                   db_part[t, lo:hi], acc, cs)
-            else:
-                _row_backward(xf, gf, w, stats, i, centered, of, dw_part[t], db_part[t], acc, cs)
-            _narrow(ob, dx[i])
-
-
 # --- nchw: one statistic per channel of x (N, C, L), over N and L (BatchNorm)
+
+
+@njit(cache=True, fastmath=_FM)
+def _affine_seg(xr, s0, d0, a0, b0, yr):  # pragma: no cover
+    """yr = ((xr - s0) - d0) * a0 + b0 over one slice of one channel."""
+    for j in range(xr.shape[0]):
+        yr[j] = ((xr[j] - s0) - d0) * a0 + b0
+
+
+@njit(cache=True, fastmath=_FM)
+def _dx_seg(xr, gr, sh, de, r, a0, c1, c2, out):  # pragma: no cover
+    """out = a0 (gr - c2 - xhat c1) over one slice of one channel, xhat = ((xr - sh) - de) r."""
+    for j in range(xr.shape[0]):
+        out[j] = a0 * (gr[j] - c2 - (((xr[j] - sh) - de) * r) * c1)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -420,9 +377,7 @@ def nchw_affine(x, sh, de, a, b, y):  # pragma: no cover
     for k in prange(n * c):
         i, ch = k // c, k % c
         s0, d0, a0, b0 = sh[ch], de[ch], a[ch], b[ch]
-        xr, yr = x[i, ch], y[i, ch]
-        for j in range(l):
-            yr[j] = ((xr[j] - s0) - d0) * a0 + b0
+        _affine_seg(x[i, ch], s0, d0, a0, b0, y[i, ch])
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -449,15 +404,55 @@ def nchw_dx(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
     for k in prange(n * c):
         i, ch = k // c, k % c
         sh, de, r, a0, c1, c2 = stats[0, ch], stats[1, ch], stats[2, ch], a[ch], k1[ch], k2[ch]
-        xr, gr, out = x[i, ch], dy[i, ch], dx[i, ch]
-        for j in range(l):
-            out[j] = a0 * (gr[j] - c2 - (((xr[j] - sh) - de) * r) * c1)
+        _dx_seg(x[i, ch], dy[i, ch], sh, de, r, a0, c1, c2, dx[i, ch])
 
 
 # --- nhwc: x (P, R, C), channels innermost. Work items are (p, chunk of R); per-channel sums
-# run in x's dtype over _ROWS rows at a time, then join float64 partials (P, T, C).
+# run in x's dtype over _ROWS rows at a time, then join float64 partials (P, T, C). The work on a
+# block of rows is in the _rows_* routines, shared with the 16-bit kernels below.
 
 _ROWS = 64
+
+
+@njit(cache=True, fastmath=_FM)
+def _rows_moments(xb, shp, a1, a2):  # pragma: no cover
+    """a1, a2 (C) += sum(v), sum(v^2) over the rows of xb (k, C), v = x - shp."""
+    for r in range(xb.shape[0]):
+        xr = xb[r]
+        for c in range(xr.shape[0]):
+            v = xr[c] - shp[c]
+            a1[c] += v
+            a2[c] += v * v
+
+
+@njit(cache=True, fastmath=_FM)
+def _rows_affine(xb, shp, dep, ap, bp, yb):  # pragma: no cover
+    """yb = ((xb - shp) - dep) * ap + bp over a block of rows (k, C)."""
+    for r in range(xb.shape[0]):
+        xr, yr = xb[r], yb[r]
+        for c in range(xr.shape[0]):
+            yr[c] = ((xr[c] - shp[c]) - dep[c]) * ap[c] + bp[c]
+
+
+@njit(cache=True, fastmath=_FM)
+def _rows_grad_moments(xb, gb, shp, dep, rp, a1, a2):  # pragma: no cover
+    """a1, a2 (C) += sum(g * xhat), sum(g) over a block of rows (k, C)."""
+    for r in range(xb.shape[0]):
+        xr, gr = xb[r], gb[r]
+        for c in range(xr.shape[0]):
+            g = gr[c]
+            a1[c] += g * (((xr[c] - shp[c]) - dep[c]) * rp[c])
+            a2[c] += g
+
+
+@njit(cache=True, fastmath=_FM)
+def _rows_dx(xb, gb, shp, dep, rp, wp, c1, c2, ob):  # pragma: no cover
+    """ob = r (g w - c2 - xhat c1) over a block of rows (k, C)."""
+    for r in range(xb.shape[0]):
+        xr, gr, out = xb[r], gb[r], ob[r]
+        for c in range(xr.shape[0]):
+            xh = ((xr[c] - shp[c]) - dep[c]) * rp[c]
+            out[c] = rp[c] * (gr[c] * wp[c] - c2[c] - xh * c1[c])
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -472,15 +467,8 @@ def nhwc_moments(x, sh, s1, s2):  # pragma: no cover
         acc = np.empty((2, c_), x.dtype)
         stop = min(r_, (t + 1) * per)
         for r0 in range(t * per, stop, _ROWS):
-            for c in range(c_):
-                acc[0, c] = 0
-                acc[1, c] = 0
-            for r in range(r0, min(stop, r0 + _ROWS)):
-                xr, shp, a1, a2 = x[p, r], sh[p], acc[0], acc[1]
-                for c in range(c_):
-                    v = xr[c] - shp[c]
-                    a1[c] += v
-                    a2[c] += v * v
+            acc[:] = 0
+            _rows_moments(x[p, r0:min(stop, r0 + _ROWS)], sh[p], acc[0], acc[1])
             o1, o2 = s1[p, t], s2[p, t]
             for c in range(c_):
                 o1[c] += acc[0, c]
@@ -496,11 +484,8 @@ def nhwc_affine(x, sh, de, a, b, chunks, y):  # pragma: no cover
     for item in prange(p_ * chunks):
         p, t = item // chunks, item % chunks
         q = p if sh.shape[0] > 1 else 0
-        shp, dep, ap, bp = sh[q], de[q], a[q], b[q]
-        for r in range(t * per, min(r_, (t + 1) * per)):
-            xr, yr = x[p, r], y[p, r]
-            for c in range(c_):
-                yr[c] = ((xr[c] - shp[c]) - dep[c]) * ap[c] + bp[c]
+        lo, hi = t * per, min(r_, (t + 1) * per)
+        _rows_affine(x[p, lo:hi], sh[q], de[q], a[q], b[q], y[p, lo:hi])
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -515,16 +500,9 @@ def nhwc_grad_moments(x, dy, sh, de, r, s1, s2):  # pragma: no cover
         acc = np.empty((2, c_), x.dtype)
         stop = min(r_, (t + 1) * per)
         for k0 in range(t * per, stop, _ROWS):
-            for c in range(c_):
-                acc[0, c] = 0
-                acc[1, c] = 0
-            for k in range(k0, min(stop, k0 + _ROWS)):
-                xr, gr, a1, a2 = x[p, k], dy[p, k], acc[0], acc[1]
-                shp, dep, rp = sh[q], de[q], r[q]
-                for c in range(c_):
-                    g = gr[c]
-                    a1[c] += g * (((xr[c] - shp[c]) - dep[c]) * rp[c])
-                    a2[c] += g
+            acc[:] = 0
+            k1 = min(stop, k0 + _ROWS)
+            _rows_grad_moments(x[p, k0:k1], dy[p, k0:k1], sh[q], de[q], r[q], acc[0], acc[1])
             o1, o2 = s1[p, t], s2[p, t]
             for c in range(c_):
                 o1[c] += acc[0, c]
@@ -540,9 +518,451 @@ def nhwc_dx(x, dy, sh, de, r, w, k1, k2, chunks, dx):  # pragma: no cover
     for item in prange(p_ * chunks):
         p, t = item // chunks, item % chunks
         q = p if sh.shape[0] > 1 else 0
-        shp, dep, rp, wp, c1, c2 = sh[q], de[q], r[q], w[q], k1[q], k2[q]
-        for k in range(t * per, min(r_, (t + 1) * per)):
-            xr, gr, out = x[p, k], dy[p, k], dx[p, k]
+        lo, hi = t * per, min(r_, (t + 1) * per)
+        _rows_dx(x[p, lo:hi], dy[p, lo:hi], sh[q], de[q], r[q], w[q], k1[q], k2[q], dx[p, lo:hi])
+
+
+# --- 16-bit floats: bfloat16 and float16 read and written in place, computed in float32.
+# The kernels take the bit patterns: bfloat16 as uint16, float16 as int16 (the dtype picks the
+# conversion at compile time, so each is a separate specialization). Each contiguous slice is
+# widened into a float32 scratch that stays in L1 (_S elements: a row of L in nchw, a block of
+# rows of C in nhwc, a whole row in rows), run through the float32 routines above, and the
+# outputs are rounded back to nearest even. Statistics and parameters are float32; no full-size
+# float32 copy of x, dy, y or dx is made.
+
+_S = 1024  # elements of a float32 scratch slice (4 KiB; the dx kernels hold three)
+
+
+def _half(t):
+    """'bf16' (uint16 bits), 'f16' (int16 bits) or None: the 16-bit format of a Numba type."""
+    return {types.uint16: "bf16", types.int16: "f16"}.get(t)
+
+
+@intrinsic
+def _h2f(typingctx, h):  # pragma: no cover
+    """16-bit bits -> float32, exact. bfloat16 (uint16): the bits shifted into the high half;
+    float16 (int16): LLVM's ``fpext half`` (F16C ``vcvtph2ps``; Numba has no CPU float16)."""
+    kind = _half(h)
+    if kind is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if kind == "f16":
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        u = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(u, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _f2h(typingctx, f, dt):  # pragma: no cover
+    """float32 -> 16-bit bits of the format of dtype ``dt``, round to nearest even. bfloat16:
+    integer ops on the bits, NaN -> 0x7FC0 (as c10::BFloat16), inf and overflow as torch;
+    float16: LLVM's ``fptrunc`` to ``half`` (F16C ``vcvtps2ph``: subnormals, inf, NaN)."""
+    kind = _half(getattr(dt, "dtype", None))
+    if kind is None or f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if kind == "f16":
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        i32 = ir.IntType(32)
+
+        def k(v):
+            return ir.Constant(i32, v)
+        v = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(v, k(16)), k(1))
+        r = builder.lshr(builder.add(builder.add(v, k(0x7FFF)), lsb), k(16))
+        nan = builder.icmp_unsigned(">", builder.and_(v, k(0x7FFFFFFF)), k(0x7F800000))
+        return builder.trunc(builder.select(nan, k(0x7FC0), r), ir.IntType(16))
+    return dt.dtype(f, dt), codegen
+
+
+@njit(cache=True)
+def _widen(src, dst):  # pragma: no cover
+    """16-bit bit patterns (bfloat16 uint16, float16 int16) -> float32 dst, exact; vectorizes
+    (vpmovzxwd + vpslld, or vcvtph2ps)."""
+    for j in range(src.shape[0]):
+        dst[j] = _h2f(src[j])
+
+
+@njit(cache=True)
+def _narrow(src, dst):  # pragma: no cover
+    """float32 src -> 16-bit bit patterns dst (bfloat16 uint16, float16 int16), as torch's
+    ``.bfloat16()`` / ``.half()``: round to nearest even, NaN stays NaN. Vectorizes (the bfloat16
+    NaN select is a vpblendvb; vcvtps2ph)."""
+    for j in range(dst.shape[0]):
+        dst[j] = _f2h(src[j], dst.dtype)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def rows_forward_16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
+    """:func:`rows_forward` (seg = 0) or :func:`segments_forward` on 16-bit x, y."""
+    m, d = x.shape
+    cpr = d // seg if seg > 0 else d
+    kk = w.shape[0] // cpr
+    blocks = min(m, 256)
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, np.float32)
+        xf, yf = np.empty(d, np.float32), np.empty(d, np.float32)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            _widen(x[i], xf)
+            if seg > 0:
+                base = (i % kk) * cpr
+                _segments(xf, w[base:base + cpr], b[base:base + cpr], seg, eps, yf, stats, i,
+                          acc)
+            else:
+                _row(xf, w, b, eps, centered, yf, stats, i, acc)
+            _narrow(yf, y[i])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def rows_backward_16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # pragma: no cover
+    """:func:`rows_backward` (seg = 0) or :func:`segments_backward` on 16-bit x, dy, dx
+    (float32 partials)."""
+    m, d = x.shape
+    cpr = d // seg if seg > 0 else d
+    kk = w.shape[0] // cpr
+    blocks = dw_part.shape[0]
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        acc = np.empty(2 * _L, np.float32)
+        cs = np.empty(2, np.float32)
+        xf, gf, of = np.empty(d, np.float32), np.empty(d, np.float32), np.empty(d, np.float32)
+        for i in range(t * per, min(m, (t + 1) * per)):
+            _widen(x[i], xf)
+            _widen(dy[i], gf)
+            if seg > 0:
+                lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
+                _segments_backward(xf, gf, w[lo:hi], seg, stats, i, of, dw_part[t, lo:hi],
+                                   db_part[t, lo:hi], acc, cs)
+            else:
+                _row_backward(xf, gf, w, stats, i, centered, of, dw_part[t], db_part[t], acc, cs)
+            _narrow(of, dx[i])
+
+
+# nchw, 16-bit: each (sample, channel) row of L is processed in slices of _S elements. The slice
+# sums are the one place with a fastmath flag: ``reassoc`` only, on the accumulating adds only,
+# so that LLVM keeps vector accumulators in registers (the _moments lanes live in memory, and the
+# float64 join of 64 lanes costs as much again: 0.19 ns an element in L1, against 0.06). Every
+# other operation comes from the strict helpers below, inlined with their own (no) flags, so
+# nothing can be reassociated across them: no ``(acc + x) - s`` from ``acc + (x - s)``, no
+# contraction. The sums run in float32 over at most _S widened 16-bit values (8 or 11
+# significant bits) in 32 partial sums, and join float64 totals per slice.
+
+
+@njit(cache=True, fastmath=_FM)
+def _dev(x, s):  # pragma: no cover
+    return x - s
+
+
+@njit(cache=True, fastmath=_FM)
+def _sq(v):  # pragma: no cover
+    return v * v
+
+
+@njit(cache=True, fastmath=_FM)
+def _g_xhat(g, x, sh, de, r):  # pragma: no cover
+    return g * (((x - sh) - de) * r)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _chunk_moments(xf, s):  # pragma: no cover
+    """(sum v, sum v^2) over the float32 slice xf, v = xf - s, in float32."""
+    a = np.float32(0.0)
+    q = np.float32(0.0)
+    for j in range(xf.shape[0]):
+        v = _dev(xf[j], s)
+        a += v
+        q += _sq(v)
+    return np.float64(a), np.float64(q)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _chunk_grad_moments(xf, gf, sh, de, r):  # pragma: no cover
+    """(sum g xhat, sum g) over the float32 slice xf (gf: as long or longer), in float32."""
+    a = np.float32(0.0)
+    q = np.float32(0.0)
+    for j in range(xf.shape[0]):
+        g = gf[j]
+        a += _g_xhat(g, xf[j], sh, de, r)
+        q += g
+    return np.float64(a), np.float64(q)
+
+
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nchw_stats_16(x, stats, eps):  # pragma: no cover
+    """:func:`nchw_stats` on 16-bit x (N, C, L); stats float32."""
+    n, c, l = x.shape
+    count = n * l
+    for ch in prange(c):
+        xf = np.empty(min(l, _S), np.float32)
+        _widen(x[0, ch, 0:1], xf)
+        s = xf[0]  # the shift: the channel's first element
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(n):
+            xr = x[i, ch]
+            for j0 in range(0, l, _S):
+                k = min(_S, l - j0)
+                _widen(xr[j0:j0 + k], xf)
+                a, q = _chunk_moments(xf[:k], s)
+                s1 += a
+                s2 += q
+        mu = s1 / count
+        v = max(s2 / count - mu * mu, 0.0)
+        stats[0, ch] = s
+        stats[1, ch] = mu
+        stats[2, ch] = 1.0 / math.sqrt(v + eps)
+        stats[3, ch] = v
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nchw_affine_16(x, sh, de, a, b, y):  # pragma: no cover
+    """:func:`nchw_affine` on 16-bit x, y (N, C, L); sh, de, a, b float32."""
+    n, c, l = x.shape
+    m = n * c
+    blocks = min(m, 256)
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        xf, yf = np.empty(min(l, _S), np.float32), np.empty(min(l, _S), np.float32)
+        for k in range(t * per, min(m, (t + 1) * per)):
+            i, ch = k // c, k % c
+            s0, d0, a0, b0 = sh[ch], de[ch], a[ch], b[ch]
+            xr, yr = x[i, ch], y[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                _affine_seg(xf[:j1 - j0], s0, d0, a0, b0, yf)
+                _narrow(yf, yr[j0:j1])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nchw_grad_sums_16(x, dy, stats, sum_g_xhat, sum_g):  # pragma: no cover
+    """:func:`nchw_grad_sums` on 16-bit x, dy."""
+    n, c, l = x.shape
+    for ch in prange(c):
+        xf, gf = np.empty(min(l, _S), np.float32), np.empty(min(l, _S), np.float32)
+        sh, de, r = stats[0, ch], stats[1, ch], stats[2, ch]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(n):
+            xr, gr = x[i, ch], dy[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                _widen(gr[j0:j1], gf)
+                p1, p2 = _chunk_grad_moments(xf[:j1 - j0], gf, sh, de, r)
+                s1 += p1
+                s2 += p2
+        sum_g_xhat[ch] = s1
+        sum_g[ch] = s2
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nchw_dx_16(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
+    """:func:`nchw_dx` on 16-bit x, dy, dx; a, k1, k2 float32."""
+    n, c, l = x.shape
+    m = n * c
+    blocks = min(m, 256)
+    per = (m + blocks - 1) // blocks
+    for t in prange(blocks):
+        e = min(l, _S)
+        xf, gf, of = np.empty(e, np.float32), np.empty(e, np.float32), np.empty(e, np.float32)
+        for k in range(t * per, min(m, (t + 1) * per)):
+            i, ch = k // c, k % c
+            sh, de, r, a0, c1, c2 = stats[0, ch], stats[1, ch], stats[2, ch], a[ch], k1[ch], k2[ch]
+            xr, gr, out = x[i, ch], dy[i, ch], dx[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                _widen(gr[j0:j1], gf)
+                _dx_seg(xf[:j1 - j0], gf, sh, de, r, a0, c1, c2, of)
+                _narrow(of, out[j0:j1])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nchw_forward_16(x, w, b, eps, stats, y):  # pragma: no cover
+    """:func:`nchw_stats_16` then :func:`nchw_affine_16` (a = rstd w) in one parallel region,
+    channel by channel: a channel's second pass re-reads its data from L2 when it fits (N L
+    elements), and the two passes cost one thread-pool wake-up instead of two. For C well above
+    the thread count (else the channels don't balance over the threads)."""
+    n, c, l = x.shape
+    count = n * l
+    for ch in prange(c):
+        xf, yf = np.empty(min(l, _S), np.float32), np.empty(min(l, _S), np.float32)
+        _widen(x[0, ch, 0:1], xf)
+        s = xf[0]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(n):
+            xr = x[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                a, q = _chunk_moments(xf[:j1 - j0], s)
+                s1 += a
+                s2 += q
+        mu = s1 / count
+        v = max(s2 / count - mu * mu, 0.0)
+        stats[0, ch] = s
+        stats[1, ch] = mu
+        stats[2, ch] = 1.0 / math.sqrt(v + eps)
+        stats[3, ch] = v
+        s0, d0, a0, b0 = stats[0, ch], stats[1, ch], stats[2, ch] * w[ch], b[ch]
+        for i in range(n):
+            xr, yr = x[i, ch], y[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                _affine_seg(xf[:j1 - j0], s0, d0, a0, b0, yf)
+                _narrow(yf, yr[j0:j1])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nchw_backward_16(x, dy, stats, w, input_stats, dx, sum_g_xhat, sum_g):  # pragma: no cover
+    """:func:`nchw_grad_sums_16` then (dx of size 0: skipped) :func:`nchw_dx_16` in one parallel
+    region, channel by channel (as :func:`nchw_forward_16`); k1, k2 are zero for given
+    statistics (``input_stats`` False)."""
+    n, c, l = x.shape
+    count = n * l
+    for ch in prange(c):
+        e = min(l, _S)
+        xf, gf, of = np.empty(e, np.float32), np.empty(e, np.float32), np.empty(e, np.float32)
+        sh, de, r = stats[0, ch], stats[1, ch], stats[2, ch]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(n):
+            xr, gr = x[i, ch], dy[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                _widen(gr[j0:j1], gf)
+                p1, p2 = _chunk_grad_moments(xf[:j1 - j0], gf, sh, de, r)
+                s1 += p1
+                s2 += p2
+        sum_g_xhat[ch] = s1
+        sum_g[ch] = s2
+        if dx.shape[0] == 0:
+            continue
+        c1 = np.float32(s1 / count) if input_stats else np.float32(0.0)
+        c2 = np.float32(s2 / count) if input_stats else np.float32(0.0)
+        a0 = r * w[ch]
+        for i in range(n):
+            xr, gr, out = x[i, ch], dy[i, ch], dx[i, ch]
+            for j0 in range(0, l, _S):
+                j1 = min(l, j0 + _S)
+                _widen(xr[j0:j1], xf)
+                _widen(gr[j0:j1], gf)
+                _dx_seg(xf[:j1 - j0], gf, sh, de, r, a0, c1, c2, of)
+                _narrow(of, out[j0:j1])
+
+
+# nhwc, 16-bit: blocks of `_sub(C)` rows (at most _ROWS, about _S elements) are widened at once;
+# the per-channel sums run over the same _ROWS-row groups as the float32 kernels.
+
+
+@njit(cache=True)
+def _sub(c):  # pragma: no cover
+    return max(1, min(_ROWS, _S // max(c, 1)))
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nhwc_moments_16(x, sh, s1, s2):  # pragma: no cover
+    """:func:`nhwc_moments` on 16-bit x (P, R, C); sh float32."""
+    p_, r_, c_ = x.shape
+    chunks = s1.shape[1]
+    per = (r_ + chunks - 1) // chunks
+    sub = _sub(c_)
+    for item in prange(p_ * chunks):
+        p, t = item // chunks, item % chunks
+        acc = np.empty((2, c_), np.float32)
+        xf = np.empty(sub * c_, np.float32)
+        x2 = xf.reshape((sub, c_))
+        xp = x[p].reshape(r_ * c_)  # flat: a block of rows is a 1-D slice
+        stop = min(r_, (t + 1) * per)
+        for r0 in range(t * per, stop, _ROWS):
+            acc[:] = 0
+            r1 = min(stop, r0 + _ROWS)
+            for k0 in range(r0, r1, sub):
+                k = min(sub, r1 - k0)
+                _widen(xp[k0 * c_:(k0 + k) * c_], xf)
+                _rows_moments(x2[:k], sh[p], acc[0], acc[1])
+            o1, o2 = s1[p, t], s2[p, t]
             for c in range(c_):
-                xh = ((xr[c] - shp[c]) - dep[c]) * rp[c]
-                out[c] = rp[c] * (gr[c] * wp[c] - c2[c] - xh * c1[c])
+                o1[c] += acc[0, c]
+                o2[c] += acc[1, c]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nhwc_affine_16(x, sh, de, a, b, chunks, y):  # pragma: no cover
+    """:func:`nhwc_affine` on 16-bit x, y (P, R, C); the (P, C) arrays float32."""
+    p_, r_, c_ = x.shape
+    per = (r_ + chunks - 1) // chunks
+    sub = _sub(c_)
+    for item in prange(p_ * chunks):
+        p, t = item // chunks, item % chunks
+        q = p if sh.shape[0] > 1 else 0
+        xf, yf = np.empty(sub * c_, np.float32), np.empty(sub * c_, np.float32)
+        x2, y2 = xf.reshape((sub, c_)), yf.reshape((sub, c_))
+        xp, yp = x[p].reshape(r_ * c_), y[p].reshape(r_ * c_)
+        stop = min(r_, (t + 1) * per)
+        for k0 in range(t * per, stop, sub):
+            k = min(sub, stop - k0)
+            _widen(xp[k0 * c_:(k0 + k) * c_], xf)
+            _rows_affine(x2[:k], sh[q], de[q], a[q], b[q], y2)
+            _narrow(yf, yp[k0 * c_:(k0 + k) * c_])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nhwc_grad_moments_16(x, dy, sh, de, r, s1, s2):  # pragma: no cover
+    """:func:`nhwc_grad_moments` on 16-bit x, dy (P, R, C)."""
+    p_, r_, c_ = x.shape
+    chunks = s1.shape[1]
+    per = (r_ + chunks - 1) // chunks
+    sub = _sub(c_)
+    for item in prange(p_ * chunks):
+        p, t = item // chunks, item % chunks
+        q = p if sh.shape[0] > 1 else 0
+        acc = np.empty((2, c_), np.float32)
+        xf, gf = np.empty(sub * c_, np.float32), np.empty(sub * c_, np.float32)
+        x2, g2 = xf.reshape((sub, c_)), gf.reshape((sub, c_))
+        xp, gp = x[p].reshape(r_ * c_), dy[p].reshape(r_ * c_)
+        stop = min(r_, (t + 1) * per)
+        for r0 in range(t * per, stop, _ROWS):
+            acc[:] = 0
+            r1 = min(stop, r0 + _ROWS)
+            for k0 in range(r0, r1, sub):
+                k = min(sub, r1 - k0)
+                _widen(xp[k0 * c_:(k0 + k) * c_], xf)
+                _widen(gp[k0 * c_:(k0 + k) * c_], gf)
+                _rows_grad_moments(x2[:k], g2, sh[q], de[q], r[q], acc[0], acc[1])
+            o1, o2 = s1[p, t], s2[p, t]
+            for c in range(c_):
+                o1[c] += acc[0, c]
+                o2[c] += acc[1, c]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def nhwc_dx_16(x, dy, sh, de, r, w, k1, k2, chunks, dx):  # pragma: no cover
+    """:func:`nhwc_dx` on 16-bit x, dy, dx (P, R, C); the (P, C) arrays float32."""
+    p_, r_, c_ = x.shape
+    per = (r_ + chunks - 1) // chunks
+    sub = _sub(c_)
+    for item in prange(p_ * chunks):
+        p, t = item // chunks, item % chunks
+        q = p if sh.shape[0] > 1 else 0
+        xf, gf, of = (np.empty(sub * c_, np.float32), np.empty(sub * c_, np.float32),
+                      np.empty(sub * c_, np.float32))
+        x2, g2, o2 = xf.reshape((sub, c_)), gf.reshape((sub, c_)), of.reshape((sub, c_))
+        xp, gp, op = x[p].reshape(r_ * c_), dy[p].reshape(r_ * c_), dx[p].reshape(r_ * c_)
+        stop = min(r_, (t + 1) * per)
+        for k0 in range(t * per, stop, sub):
+            k = min(sub, stop - k0)
+            _widen(xp[k0 * c_:(k0 + k) * c_], xf)
+            _widen(gp[k0 * c_:(k0 + k) * c_], gf)
+            _rows_dx(x2[:k], g2, sh[q], de[q], r[q], w[q], k1[q], k2[q], o2)
+            _narrow(of, op[k0 * c_:(k0 + k) * c_])

@@ -24,10 +24,11 @@ Layouts: contiguous inputs run as rows (LayerNorm, RMSNorm, and GroupNorm/Instan
 (sample, group) blocks are contiguous) or as ``(N, C, L)`` (BatchNorm); channels-last inputs
 (any input whose ``movedim(1, -1)`` is contiguous, e.g. ``channels_last`` 4-D or a transposed
 ``(N, L, C)`` sequence) run as ``(P, R, C)`` without a copy and give channels-last outputs.
-Other strides are copied to contiguous first. bfloat16 rows (LayerNorm, RMSNorm, and NCHW
-GroupNorm/InstanceNorm) are widened to float32 one row at a time inside the kernels; other
-bfloat16 and all float16 inputs are converted to float32 copies for the kernels (statistics in
-float32, output in the input dtype).
+Other strides are copied to contiguous first. bfloat16 and float16 inputs are read and written
+in place in every layout by the ``*_16`` kernels (their bit patterns: bfloat16 as uint16,
+float16 as int16), widened to float32 a cache-resident slice at a time; statistics, parameters
+and parameter gradients are float32, outputs in the input's dtype and layout. (The one
+exception: the backward of the fused residual add, float32/float64 only, takes copies.)
 
 Kernels compile on first use (``cache=True`` keeps them on disk); importing normlab compiles
 nothing. Numba's threads follow ``torch.get_num_threads()`` at each call. A second derivative
@@ -78,11 +79,16 @@ def _start_pool() -> None:
     chosen = key in os.environ
     if not chosen:
         os.environ[key] = "PASSIVE"
+    torch_threads = torch.get_num_threads()
     try:
         parallel._launch_threads()
     finally:
         if not chosen:
             del os.environ[key]
+    # Launching the pool resets torch's intra-op thread count to the core count (measured: a
+    # torch.set_num_threads(1) made before the first cpu-backend call was lost): restore it.
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     _pool_started = True
 
 
@@ -156,11 +162,35 @@ def _views(x: torch.Tensor, layout: str, kind: str, groups: int) -> tuple[int, .
     return (1, n * hw, c) if kind == "batch" else (n, hw, c)
 
 
+_HALF = (torch.bfloat16, torch.float16)  # computed in the kernels on their bit patterns
+
+
 def _kernel_array(t: torch.Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A NumPy view of t (dense in the layout's order) shaped for the kernels."""
+    """A NumPy view of t (dense in the layout's order) shaped for the kernels; 16-bit floats as
+    their bit patterns, bfloat16 as uint16 and float16 as int16 (what the 16-bit kernels take)."""
     if layout == "nhwc" and t.dim() >= 3:
         t = t.movedim(1, -1)
+    if t.dtype in _HALF:
+        bits = t.view(torch.int16).reshape(shape).numpy()
+        return bits.view(np.uint16) if t.dtype == torch.bfloat16 else bits
     return t.reshape(shape).numpy()
+
+
+def _bits(xs: np.ndarray) -> bool:
+    """Whether xs holds 16-bit float bit patterns (its kernels are the ``*_16`` ones)."""
+    return xs.dtype.itemsize == 2
+
+
+def _fdt(xs: np.ndarray) -> np.dtype:
+    """The kernels' floating dtype for xs: float32 for 16-bit floats, else xs's own."""
+    return np.dtype(np.float32) if _bits(xs) else xs.dtype
+
+
+def _widen_np(bits: np.ndarray) -> np.ndarray:
+    """16-bit bit patterns (a few values, e.g. the shifts) -> float32, in NumPy."""
+    if bits.dtype == np.uint16:  # bfloat16
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
 
 
 def _as_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
@@ -183,28 +213,32 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     acc = _acc(x.dtype)
     y = _out_like(x, kind)
     stats = torch.empty((4, _nstats(x, kind, groups)), dtype=acc)
-    if _bf16_rows(x, kind, var is None):
-        _forward_bf16(_dense(x, kind), weight, bias, kind, groups, eps, y, stats)
-        return y, stats
-    xk = _dense(x, kind).to(acc)
+    xk = _dense(x, kind)
+    if x.dtype not in _HALF:
+        xk = xk.to(acc)
     yk = _target(y, xk)
     layout = _layout(xk, kind)
     shape = _views(xk, layout, kind, groups)
     xs, ys, st = _kernel_array(xk, layout, shape), _kernel_array(yk, layout, shape), stats.numpy()
+    half = _bits(xs)
     npar = _nparams(x, kind, groups)
     w, b = _vec(weight, npar, 1.0, acc), _vec(bias, npar, 0.0, acc)
-    if layout == "rows" and kind in ("layer", "rms"):
+    if layout == "rows" and half:
+        K.rows_forward_16(xs, w, b, _seg(x, kind, groups, shape), eps, kind != "rms", ys, st)
+    elif layout == "rows" and kind in ("layer", "rms"):
         K.rows_forward(xs, w, b, eps, kind != "rms", ys, st)
     elif layout == "rows":
-        K.segments_forward(xs, w, b, shape[1] // (x.shape[1] // groups), eps, ys, st)
+        K.segments_forward(xs, w, b, _seg(x, kind, groups, shape), eps, ys, st)
     elif var is not None:  # given statistics, per channel
         st[0] = _vec(mean, npar, 0.0, acc)
         st[1] = 0
         st[3] = _vec(var, npar, 1.0, acc)
         st[2] = 1.0 / np.sqrt(st[3] + eps)
         _affine(xs, st, w, b, layout, ys, per_group=1)
+    elif layout == "nchw" and half and _fuse_channels(shape[1]):
+        K.nchw_forward_16(xs, w, b, eps, st, ys)
     elif layout == "nchw":
-        K.nchw_stats(xs, st, eps)
+        (K.nchw_stats_16 if half else K.nchw_stats)(xs, st, eps)
         _affine(xs, st, w, b, layout, ys, per_group=1)
     else:
         cpg = x.shape[1] // groups if kind == "group" else 1
@@ -220,6 +254,12 @@ def _(x, weight, bias, mean, var, kind, groups, eps):
     return _out_like(x, kind), x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype))
 
 
+def _fuse_channels(c: int) -> bool:
+    """Whether the one-region nchw kernels (a channel's two passes by one thread) take C
+    channels: when they balance over the threads (fewer channels: stats, then the pass)."""
+    return c >= 4 * numba.get_num_threads()
+
+
 def _chunks(p: int, r: int) -> int:
     return max(1, min(r, _CHUNKS // max(p, 1)))
 
@@ -230,10 +270,11 @@ def _nhwc_stats(xs: np.ndarray, cpg: int, eps: float, st: np.ndarray) -> None:
     g = c // cpg
     # one shift per group (its first element), repeated over the group's channels, so that
     # per-channel partial sums add up exactly to the group's
-    shift = np.repeat(xs[:, 0, ::cpg], cpg, axis=1)
+    first = xs[:, 0, ::cpg]
+    shift = np.repeat(_widen_np(first) if _bits(xs) else first, cpg, axis=1)
     t = _chunks(p, r)
     s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
-    K.nhwc_moments(xs, shift, s1, s2)
+    (K.nhwc_moments_16 if _bits(xs) else K.nhwc_moments)(xs, shift, s1, s2)
     count = r * cpg
     s1 = s1.sum(1).reshape(p, g, cpg).sum(2) / count
     s2 = s2.sum(1).reshape(p, g, cpg).sum(2) / count
@@ -252,12 +293,14 @@ def _per_channel(st: np.ndarray, p: int, c: int, cpg: int) -> np.ndarray:
 
 def _affine(xs, st, w, b, layout, ys, per_group) -> None:
     """ys = ((xs - shift) - delta) * rstd * w + b with st's statistics."""
+    half = _bits(xs)
     if layout == "nchw":
-        K.nchw_affine(xs, st[0], st[1], st[2] * w, b, ys)
+        (K.nchw_affine_16 if half else K.nchw_affine)(xs, st[0], st[1], st[2] * w, b, ys)
         return
     p, r, c = xs.shape
     pc = _per_channel(st, st.shape[1] // (c // per_group), c, per_group)
-    K.nhwc_affine(xs, pc[0], pc[1], pc[2] * w, _rows_of(b, pc[0]), _chunks(p, r), ys)
+    (K.nhwc_affine_16 if half else K.nhwc_affine)(xs, pc[0], pc[1], pc[2] * w,
+                                                  _rows_of(b, pc[0]), _chunks(p, r), ys)
 
 
 def _rows_of(v: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -265,52 +308,10 @@ def _rows_of(v: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(v, like.shape), dtype=like.dtype)
 
 
-# --- bfloat16 rows: widened row by row inside the kernels (no float32 copy of the tensors)
-
-
-def _bf16_rows(x: torch.Tensor, kind: str, input_stats: bool) -> bool:
-    return x.dtype == torch.bfloat16 and input_stats and _layout(x, kind) == "rows"
-
-
-def _bits(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """The bfloat16 bit patterns of contiguous t as a uint16 array shaped for the kernels."""
-    return t.view(torch.int16).reshape(shape).numpy().view(np.uint16)
-
-
 def _seg(x: torch.Tensor, kind: str, groups: int, shape: tuple[int, ...]) -> int:
     """Segment length of the rows kernels: 0 for per-element parameters (LayerNorm/RMSNorm),
     else the spatial size (GroupNorm/InstanceNorm rows hold C/G channel segments)."""
     return 0 if kind in ("layer", "rms") else shape[1] // (x.shape[1] // groups)
-
-
-def _forward_bf16(xd, weight, bias, kind, groups, eps, y, stats) -> None:
-    shape = _views(xd, "rows", kind, groups)
-    npar = _nparams(xd, kind, groups)
-    yk = y if y.is_contiguous() else torch.empty_like(xd)
-    K.rows_forward_bf16(_bits(xd, shape), _vec(weight, npar, 1.0, torch.float32),
-                        _vec(bias, npar, 0.0, torch.float32), _seg(xd, kind, groups, shape), eps,
-                        kind != "rms", _bits(yk, shape), stats.numpy())
-    if yk is not y:
-        y.copy_(yk)
-
-
-def _backward_bf16(dy, x, weight, stats, kind, groups, need_dx):
-    xd = _dense(x, kind)
-    shape = _views(xd, "rows", kind, groups)
-    npar = _nparams(xd, kind, groups)
-    gk = dy.to(torch.bfloat16).contiguous()
-    dx = _out_like(x, kind)
-    dxk = dx if dx.is_contiguous() else torch.empty_like(xd)
-    blocks = max(1, min(_BLOCKS, shape[0]))
-    dw, db = np.zeros((blocks, npar), np.float32), np.zeros((blocks, npar), np.float32)
-    K.rows_backward_bf16(_bits(xd, shape), _vec(weight, npar, 1.0, torch.float32),
-                         _bits(gk, shape), stats.numpy(), _seg(xd, kind, groups, shape),
-                         kind != "rms", _bits(dxk, shape), dw, db)
-    dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
-    if need_dx and dxk is not dx:
-        dx.copy_(dxk)
-    return (dx if need_dx else x.new_empty(0), torch.from_numpy(dw.astype(np.float32)),
-            torch.from_numpy(db.astype(np.float32)))
 
 
 # --- the backward operator
@@ -324,41 +325,48 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     _threads()
     acc = _acc(x.dtype)
     npar = _nparams(x, kind, groups)
-    if dh is None and _bf16_rows(x, kind, input_stats):
-        return _backward_bf16(dy, x, weight, stats, kind, groups, need_dx)
-    xk = _dense(x, kind).to(acc)
+    xk = _dense(x, kind)
+    if x.dtype not in _HALF or dh is not None:  # (the 16-bit kernels take no dh)
+        xk = xk.to(acc)
     layout = _layout(xk, kind)
     shape = _views(xk, layout, kind, groups)
     gk = _as_layout(dy, xk, layout)
     xs, gs, st = _kernel_array(xk, layout, shape), _kernel_array(gk, layout, shape), stats.numpy()
+    half, fdt = _bits(xs), _fdt(xs)
     dx = _out_like(x, kind) if need_dx else x.new_empty(0)
     dxk = _target(dx, xk) if need_dx else dx
     dxs = _kernel_array(dxk, layout, shape) if need_dx else np.empty((0,) * len(shape), xs.dtype)
     w = _vec(weight, npar, 1.0, acc)
     if layout == "rows":
         blocks = max(1, min(_BLOCKS, shape[0]))
-        # per-block partials in x's dtype (a few hundred rows each), summed in float64
-        dw, db = np.zeros((blocks, npar), xs.dtype), np.zeros((blocks, npar), xs.dtype)
+        # per-block partials in the kernels' dtype (a few hundred rows each), summed in float64
+        dw, db = np.zeros((blocks, npar), fdt), np.zeros((blocks, npar), fdt)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
-        if kind in ("layer", "rms"):
+        if half:
+            K.rows_backward_16(xs, w, gs, st, _seg(x, kind, groups, shape), kind != "rms", out,
+                               dw, db)
+        elif kind in ("layer", "rms"):
             dhs = _NONE[xs.dtype] if dh is None else dh.to(acc).contiguous().view(shape).numpy()
             K.rows_backward(xs, w, gs, dhs, st, kind != "rms", out, dw, db)
         else:
-            K.segments_backward(xs, w, gs, st, shape[1] // (x.shape[1] // groups), out, dw, db)
+            K.segments_backward(xs, w, gs, st, _seg(x, kind, groups, shape), out, dw, db)
         dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
+    elif layout == "nchw" and half and _fuse_channels(shape[1]):
+        dw, db = np.empty(npar), np.empty(npar)
+        K.nchw_backward_16(xs, gs, st, w, input_stats, dxs, dw, db)
     elif layout == "nchw":
         dw, db = np.empty(npar), np.empty(npar)
-        K.nchw_grad_sums(xs, gs, st, dw, db)
+        (K.nchw_grad_sums_16 if half else K.nchw_grad_sums)(xs, gs, st, dw, db)
         if need_dx:
             count = shape[0] * shape[2]
-            k1 = (dw / count if input_stats else np.zeros(npar)).astype(xs.dtype)
-            k2 = (db / count if input_stats else np.zeros(npar)).astype(xs.dtype)
-            K.nchw_dx(xs, gs, st, st[2] * w, k1, k2, dxs)
+            k1 = (dw / count if input_stats else np.zeros(npar)).astype(fdt)
+            k2 = (db / count if input_stats else np.zeros(npar)).astype(fdt)
+            (K.nchw_dx_16 if half else K.nchw_dx)(xs, gs, st, st[2] * w, k1, k2, dxs)
     else:
         dw, db = _nhwc_backward(xs, gs, st, w, kind, groups, input_stats, dxs if need_dx else None)
     if need_dx and dxk is not dx:
         dx.copy_(dxk)
-    return dx, torch.from_numpy(dw.astype(xs.dtype)), torch.from_numpy(db.astype(xs.dtype))
+    return dx, torch.from_numpy(dw.astype(fdt)), torch.from_numpy(db.astype(fdt))
 
 
 @cpu_norm_backward.register_fake
@@ -375,7 +383,8 @@ def _nhwc_backward(xs, gs, st, w, kind, groups, input_stats, dxs):
     pc = _per_channel(st, st.shape[1] // (c // cpg), c, cpg)  # (4, P or 1, C)
     t = _chunks(p, r)
     s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
-    K.nhwc_grad_moments(xs, gs, pc[0], pc[1], pc[2], s1, s2)
+    half = _bits(xs)
+    (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments)(xs, gs, pc[0], pc[1], pc[2], s1, s2)
     sum_gx, sum_g = s1.sum(1), s2.sum(1)  # (P, C)
     if dxs is not None:
         if input_stats:  # <dy w xhat> and <dy w> over each (p, group)
@@ -385,8 +394,8 @@ def _nhwc_backward(xs, gs, st, w, kind, groups, input_stats, dxs):
         else:
             k1 = k2 = np.zeros(c)
         like = pc[0]
-        K.nhwc_dx(xs, gs, pc[0], pc[1], pc[2], _rows_of(w, like), _rows_of(k1, like),
-                  _rows_of(k2, like), t, dxs)
+        (K.nhwc_dx_16 if half else K.nhwc_dx)(xs, gs, pc[0], pc[1], pc[2], _rows_of(w, like),
+                                              _rows_of(k1, like), _rows_of(k2, like), t, dxs)
     return sum_gx.sum(0), sum_g.sum(0)
 
 
