@@ -1,6 +1,7 @@
 """The lab's image experiments (batch_size, groups, sigmoid) in tiny mode, and their models."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -41,6 +42,7 @@ def test_result_schema(runs, name):
     for rel in result["figures"]:
         assert (ctx.out / rel).is_file() and (ctx.out / rel).stat().st_size > 0
     assert "paper" in result["metrics"]
+    assert json.loads(json.dumps(result, allow_nan=False)) == result, "plain JSON, no NaN"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -121,8 +123,10 @@ def test_members_train_as_separate_models(norm, norms):
         for p, q in _member_0(alone, pair):
             q.copy_(p)
     # One epoch: member 0 is shuffled by the generator's first permutation, as alone.
-    a = models.train_classifier(alone, data, batch_size=4, lr=0.05, epochs=1, seed=3)
-    b = models.train_classifier(pair, data, batch_size=4, lr=0.05, epochs=1, seed=3, members=2)
+    with models.threads():
+        a = models.train_classifier(alone, data, batch_size=4, lr=0.05, epochs=1, seed=3)
+        b = models.train_classifier(pair, data, batch_size=4, lr=0.05, epochs=1, seed=3,
+                                    members=2)
     assert a["val_errors"][0] == b["val_errors"][0]
     assert a["history"][0] == pytest.approx(b["history"][0], rel=1e-5)
     for p, q in _member_0(alone, pair):
@@ -141,3 +145,10 @@ def test_mean_se():
     assert p == pytest.approx(0.2) and se == pytest.approx(0.1 / math.sqrt(3))
     p, se = models.mean_se([0.0], 400)  # one run without mistakes: counting error, not 0
     assert p == 0 and se > 0
+
+
+def test_threads_restored():
+    before = torch.get_num_threads()
+    with models.threads(1) as n:
+        assert n == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -1,31 +1,34 @@
 """Small models and the training loop shared by the lab's image experiments.
 
 * :func:`make_cnn`: a three-stage CNN for small images (the 8x8 digits), with any of the five
-  normalizations after each convolution, all from :mod:`normlab.nn`.
+  normalizations after each convolution, all from :mod:`normlab.nn` (:func:`make_norm`).
 * :func:`train_classifier`: SGD with momentum and a cosine learning rate over a fixed number of
-  epochs, seeded; returns the loss history and the validation error.
+  epochs, seeded; returns each member's loss history and validation error.
 * :func:`error_rates`: each member's classification error on a set, in eval mode;
   :func:`mean_se`: the mean of several runs' errors and its standard error.
-* :func:`use_available_threads`: torch's thread count set to the cores this process may use.
+* :func:`threads`: the block runs with :data:`THREADS` intra-op threads (restored after).
 
 **Members.** On a CPU, training a small CNN at batch 2 costs a fixed overhead per step (the
-Python and operator calls), not arithmetic. ``make_cnn(..., members=K)`` therefore builds K
-independent copies of the CNN side by side in one model: member ``k`` owns channels
+Python and operator calls), not arithmetic. ``make_cnn(norm, ..., members=K)`` therefore builds
+K independent copies of the CNN side by side in one model: member ``k`` owns channels
 ``[k*C, (k+1)*C)`` of every layer, each convolution has ``groups=K``, and every norm computes
 exactly the per-member statistics (BatchNorm per channel; GroupNorm(G) of a member is
 GroupNorm(K*G) of the whole, whose groups are consecutive channels; LayerNorm is
-GroupNorm(K, K*C); InstanceNorm per channel). :func:`train_classifier` feeds each member its own
-shuffling of the data and sums the members' losses, and SGD, momentum and weight decay act
-elementwise, so the K members train exactly as K separate runs with K initializations and data
-orders would, for little more than the price of one. The lab uses them as K seeds.
+GroupNorm(K, K*C); InstanceNorm per channel). ``make_cnn([norm_0, norm_1, ...])`` gives each
+member its own norm (:class:`MemberNorms`: each run of equal names normalizes its own slice of
+the channels). :func:`train_classifier` feeds each member its own shuffling of the data and sums
+the members' losses, and SGD, momentum and weight decay act elementwise, so the members train
+exactly as separate runs with their own initializations and data orders would (checked in
+``tests/test_lab_images.py``), for a fraction of the price. The lab uses them as seeds, and in
+the batch-size experiment for the five norms too.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
-import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,15 +37,23 @@ import normlab.nn as nlnn
 
 NORMS = ("BatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm", "None")
 
+#: Intra-op threads for the lab's training runs. One: every operation here is tiny (a batch of
+#: 2 to 32 8x8 images), too small to split, and on a shared machine a second thread turns each
+#: operation into a wait for a descheduled thread (measured on the 2-core VM under load: 16
+#: BatchNorm CNN steps in 0.11-0.14 s with one thread, 3.3-7.1 s with two).
+THREADS = 1
 
-def use_available_threads() -> int:
-    """Set torch's intra-op threads to the cores this process may run on; return the count."""
+
+@contextlib.contextmanager
+def threads(n: int | None = None) -> Iterator[int]:
+    """Run the block with ``n`` torch (and so normlab/Numba) intra-op threads, restoring the
+    previous count afterwards; ``None`` means :data:`THREADS`. Yields the count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS if n is None else max(1, n))
     try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
 
 
 def make_norm(norm: str, channels: int, groups: int = 8, members: int = 1) -> nn.Module:
@@ -100,12 +111,14 @@ def member_norms(norms: Sequence[str], channels: int, groups: int = 8) -> nn.Mod
 def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, width: int = 32,
              groups: int = 8, members: int = 1) -> nn.Sequential:
     """A CNN for small images: three ``conv3x3 -> norm -> ReLU`` stages of ``width`` channels,
-    a 2x2 max-pool after the first two, global average pooling and a linear classifier (a 1x1
-    convolution, so that members stay separate).
+    a 2x2 max-pool after the first two, and a linear classifier on the last 2x2 feature maps
+    (a 2x2 convolution, so that members stay separate).
 
     On the 8x8 digits the three stages see 8x8, 4x4 and 2x2 feature maps: like the 7x7 last
     stage of a ResNet on ImageNet, the last stage gives BatchNorm few values per channel at a
-    small batch (2 x 2 x 2 = 8 at batch 2). Any image size works (the pooling is adaptive).
+    small batch (2 x 2 x 2 = 8 at batch 2). The classifier sees the 2x2 maps themselves, not
+    their average: after InstanceNorm a channel's spatial average carries almost nothing (the
+    norm removes it). Other image sizes are average-pooled to 2x2 first.
     ``norm`` is one of :data:`NORMS` (see :func:`make_norm`); ``groups`` is GroupNorm's G and
     must divide ``width``.
 
