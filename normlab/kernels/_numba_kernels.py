@@ -14,23 +14,22 @@ Three layouts cover the five norms (the canonical view of ``design/architecture.
 
 Statistics are shifted sums: with ``s`` a sample of the set (its first element), ``v = x - s``
 is small, and ``mean = s + sum(v)/m``, ``var = sum(v^2)/m - (sum(v)/m)^2`` lose nothing to
-cancellation for inputs such as ``1e5 + N(0, 1)``. Sums run in 32 independent lanes of the
-input's dtype over blocks of 256 elements (an elementwise inner loop, which LLVM vectorizes
-without reassociating), and the block sums join float64 totals: float64-grade accuracy at
-float32 speed. Normalizing computes ``((x - shift) - delta) * a + b`` in the input's dtype,
+cancellation for inputs such as ``1e5 + N(0, 1)``. Sums run over slices of at most 1024
+elements in the input's dtype (float32 for the 16-bit formats), and the slice sums join float64
+totals: float64-grade accuracy at float32 speed. Normalizing computes ``((x - shift) - delta) * a + b`` in the input's dtype,
 ``shift`` the sample and ``delta`` the rest of the mean, never ``x * a + b'``, whose two terms
 cancel at large means.
 
-No ``fastmath``. Reassociation would rewrite ``(x - shift) - delta`` as ``x - mean`` (measured:
-4e-3 error at 1e5 + N(0, 1)); even ``contract`` alone (fused multiply-add) breaks an exact
-cancellation in the backward, where ``g * w - <g w>`` must subtract the same rounded products
-it averaged (measured: dx = 2e-4 instead of 0 for one-element sets with eps 1e-6). One
-exception, in the 16-bit nchw kernels: the slice sums :func:`_chunk_moments` and
-:func:`_chunk_grad_moments` carry ``reassoc`` on their accumulating adds alone (every other
+No general ``fastmath``. Reassociation would rewrite ``(x - shift) - delta`` as ``x - mean``
+(measured: 4e-3 error at 1e5 + N(0, 1)); even ``contract`` alone (fused multiply-add) breaks an
+exact cancellation in the backward, where ``g * w - <g w>`` must subtract the same rounded
+products it averaged (measured: dx = 2e-4 instead of 0 for one-element sets with eps 1e-6). One
+scoped exception: the slice sums (:func:`_chunk_moments`, :func:`_chunk_grad_moments`,
+:func:`_chunk_row_grads`) carry ``reassoc`` on their accumulating adds alone (every other
 operation comes from strict helpers, whose instructions keep no flags), so that LLVM vectorizes
-them with register accumulators. Parameter
-gradients are summed per fixed block of work and the blocks reduced in order: no atomics, and
-results do not depend on the thread count.
+them with accumulators in registers. The vectorized order is fixed at compile time: results are
+deterministic. Parameter gradients are summed per fixed block of work and the blocks reduced in
+order: no atomics, and results do not depend on the thread count.
 
 Numba 0.68 pitfalls met here (each cost speed or correctness, found by tests and timing):
 
@@ -38,13 +37,12 @@ Numba 0.68 pitfalls met here (each cost speed or correctness, found by tests and
   silently lost when the body also holds an inner reduction loop: index the full array;
 * a computed index (``w[base + j]``) keeps Numba's negative-index wraparound in the loop and
   blocks vectorization: slice first (``wr = w[base:base + d]``), then index with ``range``;
-* the lane loops vectorize only over fixed-length slices (``seg[q * 32:(q + 1) * 32]``);
 * Numba has no float16 on the CPU (``NotImplementedError: float16``): float16 is converted with
   LLVM's own ``fpext``/``fptrunc`` on ``half`` through two ``@intrinsic``s (F16C instructions,
   exact, vectorized);
-* the float32 ``_moments`` lanes live in memory (an array; LLVM cannot prove it does not alias
-  the data) and are loaded and stored every 32 elements, and the float64 join of the 64 lanes is
-  a chain of dependent adds: about 0.2 ns an element even in L1;
+* strict (flag-free) sums in 32 lanes of a scratch array, the earlier design, keep the lanes in
+  memory (LLVM cannot prove the array does not alias the data), loaded and stored every 32
+  elements: 0.2 ns an element even in L1, twice the scoped-``reassoc`` slice sums;
 * ``x[p, a:b].reshape(n)`` once per block of rows cost 10-20 % of an nhwc pass: reshape the
   item's whole (R, C) plane once and slice that.
 """
@@ -60,108 +58,129 @@ from numba.extending import intrinsic
 # pragma: no cover throughout: compiled code is not seen by coverage.
 
 
-_FM = False  # no fastmath at all (see above)
-_L = 32  # accumulator lanes: a multiple of the AVX width that the loop vectorizer fills
-_B = 8  # lane-rows (of _L elements) summed in the input's dtype before joining a float64 total
+_FM = False  # no fastmath, except the scoped ``reassoc`` of the slice sums (see above)
+_S = 1024  # elements of one slice sum (and of a float32 scratch slice of the 16-bit kernels)
+
+
+# Strict helpers: every operation outside the accumulating adds. They carry no fastmath flag, and
+# inlined into a ``reassoc`` function their instructions keep none, so nothing can be
+# reassociated across them: no ``(acc + x) - s`` from ``acc + (x - s)``, no contraction.
 
 
 @njit(cache=True, fastmath=_FM)
-def _lane_sums(acc):  # pragma: no cover
-    """(sum of lanes 0.._L-1, sum of lanes _L..2_L-1) of one block, in float64."""
-    a1 = 0.0
-    a2 = 0.0
-    for k in range(_L):
-        a1 += acc[k]
-        a2 += acc[_L + k]
-    return a1, a2
+def _dev(x, s):  # pragma: no cover
+    return x - s
 
 
 @njit(cache=True, fastmath=_FM)
-def _moments(seg, s, acc):  # pragma: no cover
-    """(sum v, sum v^2) over ``seg`` of v = seg - s, s a value of seg's dtype (its sample).
+def _sq(v):  # pragma: no cover
+    return v * v
 
-    ``acc`` (2 * _L, seg's dtype) holds _L independent partial sums: the inner loop is
-    elementwise over the lanes, so LLVM vectorizes it without reassociating anything. Each
-    block of _B * _L elements is summed in seg's dtype, the block sums in float64."""
+
+@njit(cache=True, fastmath=_FM)
+def _mul(a, b):  # pragma: no cover
+    return a * b
+
+
+@njit(cache=True, fastmath=_FM)
+def _xhat(x, sh, de, r):  # pragma: no cover
+    return ((x - sh) - de) * r
+
+
+@njit(cache=True, fastmath=_FM)
+def _g_xhat(g, x, sh, de, r):  # pragma: no cover
+    return g * (((x - sh) - de) * r)
+
+
+# Slice sums: the one place with a fastmath flag, ``reassoc`` on the accumulating adds alone, so
+# that LLVM keeps vector accumulators in registers. Each runs over one slice of at most _S
+# elements in the slice's dtype (float32, or float64 for float64 inputs); the slices join float64
+# totals. (The earlier strict version kept 32 lanes in a memory array and joined them in float64
+# every 256 elements: 2x slower in cache, 0.75 against 0.4 ns an element.)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _chunk_moments(xf, s):  # pragma: no cover
+    """(sum v, sum v^2) over the slice xf, v = xf - s, in xf's dtype."""
+    a = xf.dtype.type(0)
+    q = xf.dtype.type(0)
+    for j in range(xf.shape[0]):
+        v = _dev(xf[j], s)
+        a += v
+        q += _sq(v)
+    return np.float64(a), np.float64(q)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _chunk_grad_moments(xf, gf, sh, de, r):  # pragma: no cover
+    """(sum g xhat, sum g) over the slice xf (gf: as long or longer), in xf's dtype."""
+    a = xf.dtype.type(0)
+    q = xf.dtype.type(0)
+    for j in range(xf.shape[0]):
+        g = gf[j]
+        a += _g_xhat(g, xf[j], sh, de, r)
+        q += g
+    return np.float64(a), np.float64(q)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _chunk_row_grads(xq, gq, wq, dwq, dbq, sh, de, r):  # pragma: no cover
+    """:func:`_row_grads` over one slice: dwq += g xhat, dbq += g (elementwise, strict
+    products), and (sum g w xhat, sum g w) in xq's dtype."""
+    a = xq.dtype.type(0)
+    q = xq.dtype.type(0)
+    for k in range(xq.shape[0]):
+        xh = _xhat(xq[k], sh, de, r)
+        gj = gq[k]
+        dwq[k] += _mul(gj, xh)
+        dbq[k] += gj
+        gw = _mul(gj, wq[k])
+        a += _mul(gw, xh)
+        q += gw
+    return np.float64(a), np.float64(q)
+
+
+@njit(cache=True, fastmath=_FM)
+def _moments(seg, s):  # pragma: no cover
+    """(sum v, sum v^2) over ``seg`` of v = seg - s, s a value of seg's dtype (its sample), in
+    float64: slice sums of :func:`_chunk_moments` joined in float64."""
     n = seg.shape[0]
-    nb = n // _L
     t1 = 0.0
     t2 = 0.0
-    for b in range(0, nb, _B):
-        acc[:] = 0
-        for q in range(b, min(nb, b + _B)):
-            sq = seg[q * _L:(q + 1) * _L]  # a fixed-length slice: this loop vectorizes
-            for k in range(_L):
-                v = sq[k] - s
-                acc[k] += v
-                acc[_L + k] += v * v
-        a1, a2 = _lane_sums(acc)
-        t1 += a1
-        t2 += a2
-    for j in range(nb * _L, n):
-        v = np.float64(seg[j] - s)
-        t1 += v
-        t2 += v * v
+    for j0 in range(0, n, _S):
+        a, q = _chunk_moments(seg[j0:min(n, j0 + _S)], s)
+        t1 += a
+        t2 += q
     return t1, t2
 
 
 @njit(cache=True, fastmath=_FM)
-def _grad_moments(seg, g, sh, de, r, acc):  # pragma: no cover
-    """(sum g * xhat, sum g) over one segment, xhat = ((seg - sh) - de) * r; lanes and
-    blocks as in :func:`_moments`."""
+def _grad_moments(seg, g, sh, de, r):  # pragma: no cover
+    """(sum g * xhat, sum g) over one segment, xhat = ((seg - sh) - de) * r, in float64."""
     n = seg.shape[0]
-    nb = n // _L
     t1 = 0.0
     t2 = 0.0
-    for b in range(0, nb, _B):
-        acc[:] = 0
-        for q in range(b, min(nb, b + _B)):
-            sq, gq = seg[q * _L:(q + 1) * _L], g[q * _L:(q + 1) * _L]
-            for k in range(_L):
-                gj = gq[k]
-                acc[k] += gj * (((sq[k] - sh) - de) * r)
-                acc[_L + k] += gj
-        a1, a2 = _lane_sums(acc)
-        t1 += a1
-        t2 += a2
-    for j in range(nb * _L, n):
-        t1 += np.float64(g[j] * (((seg[j] - sh) - de) * r))
-        t2 += np.float64(g[j])
+    for j0 in range(0, n, _S):
+        j1 = min(n, j0 + _S)
+        a, q = _chunk_grad_moments(seg[j0:j1], g[j0:j1], sh, de, r)
+        t1 += a
+        t2 += q
     return t1, t2
 
 
 @njit(cache=True, fastmath=_FM)
-def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
+def _row_grads(row, g, w, sh, de, r, dwt, dbt):  # pragma: no cover
     """LayerNorm-style row (per-element parameters): add g * xhat and g into ``dwt``/``dbt``
-    (the block's partial parameter gradients) and return (sum g w xhat, sum g w) in float64;
-    lanes and blocks as in :func:`_moments`."""
+    (the block's partial parameter gradients) and return (sum g w xhat, sum g w) in float64."""
     n = row.shape[0]
-    nb = n // _L
     t1 = 0.0
     t2 = 0.0
-    for b in range(0, nb, _B):
-        acc[:] = 0
-        for q in range(b, min(nb, b + _B)):
-            lo, hi = q * _L, (q + 1) * _L
-            xq, gq, wq, dwq, dbq = row[lo:hi], g[lo:hi], w[lo:hi], dwt[lo:hi], dbt[lo:hi]
-            for k in range(_L):
-                xh = ((xq[k] - sh) - de) * r
-                gj = gq[k]
-                dwq[k] += gj * xh
-                dbq[k] += gj
-                gw = gj * wq[k]
-                acc[k] += gw * xh
-                acc[_L + k] += gw
-        a1, a2 = _lane_sums(acc)
-        t1 += a1
-        t2 += a2
-    for j in range(nb * _L, n):
-        xh = ((row[j] - sh) - de) * r
-        dwt[j] += g[j] * xh
-        dbt[j] += g[j]
-        gw = g[j] * w[j]
-        t1 += np.float64(gw * xh)
-        t2 += np.float64(gw)
+    for j0 in range(0, n, _S):
+        j1 = min(n, j0 + _S)
+        a, q = _chunk_row_grads(row[j0:j1], g[j0:j1], w[j0:j1], dwt[j0:j1], dbt[j0:j1],
+                                sh, de, r)
+        t1 += a
+        t2 += q
     return t1, t2
 
 
@@ -169,11 +188,11 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt, acc):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def _row_stats(row, eps, centered, stats, i, acc):  # pragma: no cover
+def _row_stats(row, eps, centered, stats, i):  # pragma: no cover
     """Statistics of one row into stats[:, i]; returns (shift, delta, rstd) in row's dtype."""
     d = row.shape[0]
     s = row[0] if centered else row.dtype.type(0)
-    s1, s2 = _moments(row, s, acc)
+    s1, s2 = _moments(row, s)
     mu = s1 / d if centered else 0.0
     v = max(s2 / d - mu * mu, 0.0)
     stats[0, i] = s
@@ -190,17 +209,17 @@ def _row_stats(row, eps, centered, stats, i, acc):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def _row(row, w, b, eps, centered, out, stats, i, acc):  # pragma: no cover
+def _row(row, w, b, eps, centered, out, stats, i):  # pragma: no cover
     """One LayerNorm/RMSNorm row: statistics into stats[:, i], then out."""
-    sh, de, r = _row_stats(row, eps, centered, stats, i, acc)
+    sh, de, r = _row_stats(row, eps, centered, stats, i)
     for j in range(row.shape[0]):
         out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
 
 
 @njit(cache=True, fastmath=_FM)
-def _segments(row, w, b, seg, eps, out, stats, i, acc):  # pragma: no cover
+def _segments(row, w, b, seg, eps, out, stats, i):  # pragma: no cover
     """One row of D / seg channel segments (w, b: this row's channels): stats, then out."""
-    sh, de, r = _row_stats(row, eps, True, stats, i, acc)
+    sh, de, r = _row_stats(row, eps, True, stats, i)
     for c in range(row.shape[0] // seg):
         a, bb = r * w[c], b[c]
         # slices, then indices straight from range(): Numba's negative-index handling of a
@@ -211,11 +230,11 @@ def _segments(row, w, b, seg, eps, out, stats, i, acc):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def _row_backward(row, g, w, stats, i, centered, out, dwt, dbt, acc, cs):  # pragma: no cover
+def _row_backward(row, g, w, stats, i, centered, out, dwt, dbt, cs):  # pragma: no cover
     """dx of one LayerNorm/RMSNorm row into out; g xhat and g added into dwt, dbt."""
     d = row.shape[0]
     sh, de, r = stats[0, i], stats[1, i], stats[2, i]
-    c1, c2 = _row_grads(row, g, w, sh, de, r, dwt, dbt, acc)
+    c1, c2 = _row_grads(row, g, w, sh, de, r, dwt, dbt)
     cs[0] = c1 / d
     cs[1] = c2 / d if centered else 0.0
     k1, k2 = cs[0], cs[1]  # x's dtype
@@ -224,7 +243,7 @@ def _row_backward(row, g, w, stats, i, centered, out, dwt, dbt, acc, cs):  # pra
 
 
 @njit(cache=True, fastmath=_FM)
-def _segments_backward(row, g, w, seg, stats, i, out, dwt, dbt, acc, cs):  # pragma: no cover
+def _segments_backward(row, g, w, seg, stats, i, out, dwt, dbt, cs):  # pragma: no cover
     """dx of one row of channel segments (w, dwt, dbt: this row's channels)."""
     d = row.shape[0]
     sh, de, r = stats[0, i], stats[1, i], stats[2, i]
@@ -232,7 +251,7 @@ def _segments_backward(row, g, w, seg, stats, i, out, dwt, dbt, acc, cs):  # pra
     c2 = 0.0
     for c in range(d // seg):
         p1, p2 = _grad_moments(row[c * seg:(c + 1) * seg], g[c * seg:(c + 1) * seg],
-                               sh, de, r, acc)
+                               sh, de, r)
         dwt[c] += p1
         dbt[c] += p2
         c1 += w[c] * p1
@@ -256,9 +275,8 @@ def rows_forward(x, w, b, eps, centered, y, stats):  # pragma: no cover
     blocks = min(m, 256)
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
-            _row(x[i], w, b, eps, centered, y[i], stats, i, acc)
+            _row(x[i], w, b, eps, centered, y[i], stats, i)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -268,12 +286,11 @@ def rows_add_forward(x, res, w, b, eps, centered, y, h, stats):  # pragma: no co
     blocks = min(m, 256)
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
             xr, rr, hr = x[i], res[i], h[i]
             for j in range(d):
                 hr[j] = xr[j] + rr[j]
-            _row(hr, w, b, eps, centered, y[i], stats, i, acc)
+            _row(hr, w, b, eps, centered, y[i], stats, i)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -286,11 +303,9 @@ def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
     blocks = min(m, 256)
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = np.empty(2 * _L, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
             base = (i % kk) * cpr
-            _segments(x[i], w[base:base + cpr], b[base:base + cpr], seg, eps, y[i], stats, i,
-                      acc)
+            _segments(x[i], w[base:base + cpr], b[base:base + cpr], seg, eps, y[i], stats, i)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -303,12 +318,10 @@ def rows_backward(x, w, dy, dh, stats, centered, dx, dw_part, db_part):  # pragm
     per = (m + blocks - 1) // blocks
     add = dh.shape[0] > 0
     for t in prange(blocks):
-        acc = np.empty(2 * _L, x.dtype)
         cs = np.empty(2, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
             out = dx[i]
-            _row_backward(x[i], dy[i], w, stats, i, centered, out, dw_part[t], db_part[t], acc,
-                          cs)
+            _row_backward(x[i], dy[i], w, stats, i, centered, out, dw_part[t], db_part[t], cs)
             if add:
                 hr = dh[i]
                 for j in range(d):
@@ -324,12 +337,11 @@ def segments_backward(x, w, dy, stats, seg, dx, dw_part, db_part):  # pragma: no
     blocks = dw_part.shape[0]
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = np.empty(2 * _L, x.dtype)
         cs = np.empty(2, x.dtype)
         for i in range(t * per, min(m, (t + 1) * per)):
             lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
             _segments_backward(x[i], dy[i], w[lo:hi], seg, stats, i, dx[i], dw_part[t, lo:hi],
-                               db_part[t, lo:hi], acc, cs)
+                               db_part[t, lo:hi], cs)
 
 
 # --- nchw: one statistic per channel of x (N, C, L), over N and L (BatchNorm)
@@ -354,12 +366,11 @@ def nchw_stats(x, stats, eps):  # pragma: no cover
     n, c, l = x.shape
     count = n * l
     for ch in prange(c):
-        acc = np.empty(2 * _L, x.dtype)
         s = x[0, ch, 0]
         s1 = 0.0
         s2 = 0.0
         for i in range(n):
-            a, q = _moments(x[i, ch], s, acc)
+            a, q = _moments(x[i, ch], s)
             s1 += a
             s2 += q
         mu = s1 / count
@@ -385,12 +396,11 @@ def nchw_grad_sums(x, dy, stats, sum_g_xhat, sum_g):  # pragma: no cover
     """Per channel: sum of dy * xhat and of dy over (N, L), in float64."""
     n, c, l = x.shape
     for ch in prange(c):
-        acc = np.empty(2 * _L, x.dtype)
         sh, de, r = stats[0, ch], stats[1, ch], stats[2, ch]
         s1 = 0.0
         s2 = 0.0
         for i in range(n):
-            p1, p2 = _grad_moments(x[i, ch], dy[i, ch], sh, de, r, acc)
+            p1, p2 = _grad_moments(x[i, ch], dy[i, ch], sh, de, r)
             s1 += p1
             s2 += p2
         sum_g_xhat[ch] = s1
@@ -530,8 +540,6 @@ def nhwc_dx(x, dy, sh, de, r, w, k1, k2, chunks, dx):  # pragma: no cover
 # outputs are rounded back to nearest even. Statistics and parameters are float32; no full-size
 # float32 copy of x, dy, y or dx is made.
 
-_S = 1024  # elements of a float32 scratch slice (4 KiB; the dx kernels hold three)
-
 
 def _half(t):
     """'bf16' (uint16 bits), 'f16' (int16 bits) or None: the 16-bit format of a Numba type."""
@@ -604,16 +612,14 @@ def rows_forward_16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
     blocks = min(m, 256)
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = np.empty(2 * _L, np.float32)
         xf, yf = np.empty(d, np.float32), np.empty(d, np.float32)
         for i in range(t * per, min(m, (t + 1) * per)):
             _widen(x[i], xf)
             if seg > 0:
                 base = (i % kk) * cpr
-                _segments(xf, w[base:base + cpr], b[base:base + cpr], seg, eps, yf, stats, i,
-                          acc)
+                _segments(xf, w[base:base + cpr], b[base:base + cpr], seg, eps, yf, stats, i)
             else:
-                _row(xf, w, b, eps, centered, yf, stats, i, acc)
+                _row(xf, w, b, eps, centered, yf, stats, i)
             _narrow(yf, y[i])
 
 
@@ -627,7 +633,6 @@ def rows_backward_16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # p
     blocks = dw_part.shape[0]
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
-        acc = np.empty(2 * _L, np.float32)
         cs = np.empty(2, np.float32)
         xf, gf, of = np.empty(d, np.float32), np.empty(d, np.float32), np.empty(d, np.float32)
         for i in range(t * per, min(m, (t + 1) * per)):
@@ -636,61 +641,15 @@ def rows_backward_16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # p
             if seg > 0:
                 lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
                 _segments_backward(xf, gf, w[lo:hi], seg, stats, i, of, dw_part[t, lo:hi],
-                                   db_part[t, lo:hi], acc, cs)
+                                   db_part[t, lo:hi], cs)
             else:
-                _row_backward(xf, gf, w, stats, i, centered, of, dw_part[t], db_part[t], acc, cs)
+                _row_backward(xf, gf, w, stats, i, centered, of, dw_part[t], db_part[t], cs)
             _narrow(of, dx[i])
 
 
-# nchw, 16-bit: each (sample, channel) row of L is processed in slices of _S elements. The slice
-# sums are the one place with a fastmath flag: ``reassoc`` only, on the accumulating adds only,
-# so that LLVM keeps vector accumulators in registers (the _moments lanes live in memory, and the
-# float64 join of 64 lanes costs as much again: 0.19 ns an element in L1, against 0.06). Every
-# other operation comes from the strict helpers below, inlined with their own (no) flags, so
-# nothing can be reassociated across them: no ``(acc + x) - s`` from ``acc + (x - s)``, no
-# contraction. The sums run in float32 over at most _S widened 16-bit values (8 or 11
-# significant bits) in 32 partial sums, and join float64 totals per slice.
-
-
-@njit(cache=True, fastmath=_FM)
-def _dev(x, s):  # pragma: no cover
-    return x - s
-
-
-@njit(cache=True, fastmath=_FM)
-def _sq(v):  # pragma: no cover
-    return v * v
-
-
-@njit(cache=True, fastmath=_FM)
-def _g_xhat(g, x, sh, de, r):  # pragma: no cover
-    return g * (((x - sh) - de) * r)
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _chunk_moments(xf, s):  # pragma: no cover
-    """(sum v, sum v^2) over the float32 slice xf, v = xf - s, in float32."""
-    a = np.float32(0.0)
-    q = np.float32(0.0)
-    for j in range(xf.shape[0]):
-        v = _dev(xf[j], s)
-        a += v
-        q += _sq(v)
-    return np.float64(a), np.float64(q)
-
-
-@njit(cache=True, fastmath={"reassoc"})
-def _chunk_grad_moments(xf, gf, sh, de, r):  # pragma: no cover
-    """(sum g xhat, sum g) over the float32 slice xf (gf: as long or longer), in float32."""
-    a = np.float32(0.0)
-    q = np.float32(0.0)
-    for j in range(xf.shape[0]):
-        g = gf[j]
-        a += _g_xhat(g, xf[j], sh, de, r)
-        q += g
-    return np.float64(a), np.float64(q)
-
-
+# nchw, 16-bit: each (sample, channel) row of L is processed in slices of _S elements, widened
+# into float32 scratch and summed by the slice sums above (float32 over at most _S widened values
+# of 8 or 11 significant bits), joining float64 totals per slice.
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
