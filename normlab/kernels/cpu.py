@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Optional
 
 import numba
@@ -51,17 +52,24 @@ from ._fused import FLOATS, FusedBackend, Ops
 _NONE = {np.dtype(np.float32): np.empty((0, 0), np.float32),  # "no array" for the kernels
          np.dtype(np.float64): np.empty((0, 0), np.float64)}
 _BLOCKS = 64  # parameter-gradient partial sums per call: fixed, so results ignore thread count
+_BLOCK_ROWS = 16  # rows per partial sum at least (fewer, smaller partials for small inputs)
 _CHUNKS = 64  # nhwc work items (P * chunks of R) aimed at, fixed for the same reason
 
 
 def _threads() -> None:
-    """Numba's threads follow torch's thread count; its pool starts with passive waiting."""
+    """Numba's threads follow torch's thread count; its pool starts with passive waiting.
+    Numba's count is per calling thread, so it is set again only when torch's count or the
+    calling thread changed (``numba.set_num_threads`` costs about 20 us)."""
     if not _pool_started:
         _start_pool()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    me, n = threading.get_ident(), torch.get_num_threads()
+    if _set.get(me) != n:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _set[me] = n
 
 
 _pool_started = False
+_set: dict[int, int] = {}  # calling thread -> the torch thread count Numba's was last set from
 
 
 def _start_pool() -> None:
@@ -143,8 +151,11 @@ def _nparams(x: torch.Tensor, kind: str, groups: int) -> int:
 
 
 def _vec(p: torch.Tensor | None, n: int, fill: float, acc: torch.dtype) -> np.ndarray:
+    """A parameter or statistic as a flat ``acc``-dtype NumPy array (a view when it is one)."""
     if p is None:
         return np.full(n, fill, dtype=np.float64 if acc == torch.float64 else np.float32)
+    if p.dtype == acc and p.is_contiguous():
+        return p.detach().numpy().reshape(n)
     return p.detach().reshape(n).to(acc).contiguous().numpy()
 
 
@@ -173,6 +184,8 @@ def _kernel_array(t: torch.Tensor, layout: str, shape: tuple[int, ...]) -> np.nd
     if t.dtype in _HALF:
         bits = t.view(torch.int16).reshape(shape).numpy()
         return bits.view(np.uint16) if t.dtype == torch.bfloat16 else bits
+    if t.is_contiguous():  # NumPy's reshape of the view costs a tenth of torch's
+        return t.numpy().reshape(shape)
     return t.reshape(shape).numpy()
 
 
@@ -338,8 +351,9 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     dxs = _kernel_array(dxk, layout, shape) if need_dx else np.empty((0,) * len(shape), xs.dtype)
     w = _vec(weight, npar, 1.0, acc)
     if layout == "rows":
-        blocks = max(1, min(_BLOCKS, shape[0]))
-        # per-block partials in the kernels' dtype (a few hundred rows each), summed in float64
+        # per-block partials in the kernels' dtype (up to a few hundred rows each, at least
+        # _BLOCK_ROWS: summing the partials costs as much as a block), summed in float64
+        blocks = max(1, min(_BLOCKS, shape[0] // _BLOCK_ROWS))
         dw, db = np.zeros((blocks, npar), fdt), np.zeros((blocks, npar), fdt)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
         if half:

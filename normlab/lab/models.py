@@ -1,7 +1,8 @@
 """Small models and the training loop shared by the lab's image experiments.
 
 * :func:`make_cnn`: a three-stage CNN for small images (the 8x8 digits), with any of the five
-  normalizations after each convolution, all from :mod:`normlab.nn` (:func:`make_norm`).
+  normalizations after each convolution, all from :mod:`normlab.nn` (:func:`make_norm`), and
+  optionally a normalized hidden fully connected layer before the classifier.
 * :func:`train_classifier`: SGD with momentum and a cosine learning rate over a fixed number of
   epochs, seeded; returns each member's loss history and validation error.
 * :func:`error_rates`: each member's classification error on a set, in eval mode;
@@ -109,7 +110,7 @@ def member_norms(norms: Sequence[str], channels: int, groups: int = 8) -> nn.Mod
 
 
 def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, width: int = 32,
-             groups: int = 8, members: int = 1) -> nn.Sequential:
+             groups: int = 8, members: int = 1, hidden: int | None = None) -> nn.Sequential:
     """A CNN for small images: three ``conv3x3 -> norm -> ReLU`` stages of ``width`` channels,
     a 2x2 max-pool after the first two, and a linear classifier on the last 2x2 feature maps
     (a 2x2 convolution, so that members stay separate).
@@ -121,6 +122,13 @@ def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, widt
     norm removes it). Other image sizes are average-pooled to 2x2 first.
     ``norm`` is one of :data:`NORMS` (see :func:`make_norm`); ``groups`` is GroupNorm's G and
     must divide ``width``.
+
+    With ``hidden=H`` the classifier is instead a small fully connected head: the 2x2 maps go
+    to ``H`` hidden units (a 2x2 convolution), then the norm, a ReLU and a linear layer to the
+    classes. A hidden unit has one value per image, so there BatchNorm estimates each unit's
+    statistics from the batch alone (2 values at batch 2; BatchNorm1d in an MLP), GroupNorm
+    from ``H / groups`` units of one image, LayerNorm from all ``H``; InstanceNorm, which would
+    normalize a single value (and output its constant shift), leaves the head unnormalized.
 
     With ``members=K`` the model is K independent CNNs side by side (see the module
     docstring): input ``(N, K * in_channels, H, W)`` (see :func:`stack_members`), output
@@ -146,8 +154,15 @@ def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, widt
         if stage < 2:
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         c = width
-    layers += [nn.AdaptiveAvgPool2d(2), nn.Conv2d(k * width, k * classes, 2, groups=k),
-               nn.Flatten()]
+    layers.append(nn.AdaptiveAvgPool2d(2))
+    if hidden:
+        head = ["None" if n == "InstanceNorm" else n for n in norms]
+        layers += [nn.Conv2d(k * width, k * hidden, 2, groups=k, bias="None" in head),
+                   member_norms(head, hidden, groups), nn.ReLU(inplace=True),
+                   nn.Conv2d(k * hidden, k * classes, 1, groups=k)]
+    else:
+        layers.append(nn.Conv2d(k * width, k * classes, 2, groups=k))
+    layers.append(nn.Flatten())
     model = nn.Sequential(*layers)
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
