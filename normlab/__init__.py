@@ -6,16 +6,21 @@
 * :mod:`normlab.nn` - drop-in subclasses of the torch modules of the same names, and
   ``AddLayerNorm``, ``AddRMSNorm``.
 * :func:`patch` - switch every torch normalization in a model to normlab, in place.
+* :func:`swap_norms`, :func:`fold_batchnorm`, :func:`freeze_batchnorm` (:mod:`normlab.tools`) -
+  change a model's normalization: another norm, BatchNorm folded into the convolution before
+  it, or BatchNorm frozen for fine-tuning.
 * :func:`backend` - force a backend (``"reference"``, ``"torch"``) inside a ``with`` block.
 """
 from . import functional, nn
 from ._dispatch import available_backends, backend, current_backend
 from ._errors import ArgumentError, BackendUnavailableError, DTypeError, ShapeError
 from ._patch import patch
+from .tools import fold_batchnorm, freeze_batchnorm, swap_norms, unfreeze_batchnorm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional", "nn", "patch", "backend", "available_backends", "current_backend",
+    "functional", "nn", "patch", "swap_norms", "fold_batchnorm", "freeze_batchnorm",
+    "unfreeze_batchnorm", "backend", "available_backends", "current_backend",
     "ArgumentError", "ShapeError", "DTypeError", "BackendUnavailableError", "__version__",
 ]
