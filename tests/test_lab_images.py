@@ -106,19 +106,23 @@ def _member_0(alone: torch.nn.Module, side_by_side: torch.nn.Module):
                 yield p, tensors[name][:len(p)]
 
 
-@pytest.mark.parametrize("norm, norms", [("BatchNorm", ["BatchNorm", "GroupNorm"]),
-                                         ("InstanceNorm", ["InstanceNorm", "LayerNorm"]),
-                                         ("None", ["None", "None"])])
-def test_members_train_as_separate_models(norm, norms):
+@pytest.mark.parametrize("norm, norms, hidden", [
+    ("BatchNorm", ["BatchNorm", "GroupNorm"], None),
+    ("InstanceNorm", ["InstanceNorm", "LayerNorm"], None),
+    ("None", ["None", "None"], None),
+    ("BatchNorm", ["BatchNorm", "GroupNorm"], 16),     # the batch_size experiment's head
+    ("InstanceNorm", ["InstanceNorm", "LayerNorm"], 16)])
+def test_members_train_as_separate_models(norm, norms, hidden):
     """Member 0 of a side-by-side model (same norm or another beside it) trains exactly as
     the same CNN alone would."""
     from normlab.lab.datasets import images
 
     data = models.first(images(), 64)
+    stages = 3 if hidden is None else 2
     torch.manual_seed(0)
-    alone = models.make_cnn(norm, 10, width=8, groups=4)
+    alone = models.make_cnn(norm, 10, width=8, groups=4, hidden=hidden, stages=stages)
     torch.manual_seed(1)
-    pair = models.make_cnn(norms, 10, width=8, groups=4)
+    pair = models.make_cnn(norms, 10, width=8, groups=4, hidden=hidden, stages=stages)
     with torch.no_grad():
         for p, q in _member_0(alone, pair):
             q.copy_(p)
@@ -131,6 +135,18 @@ def test_members_train_as_separate_models(norm, norms):
     assert a["history"][0] == pytest.approx(b["history"][0], rel=1e-5)
     for p, q in _member_0(alone, pair):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_head():
+    """The normalized hidden layer: one value per image and unit; InstanceNorm leaves it
+    unnormalized (it would normalize a single value)."""
+    model = models.make_cnn(list(models.NORMS), 10, width=8, groups=4, hidden=16, stages=2)
+    assert model(torch.randn(3, 5, 8, 8)).shape == (3, 50)
+    head = model[-4]
+    assert isinstance(head, models.MemberNorms) and head.sizes == [16, 16, 16, 32]
+    assert isinstance(head.parts[0], normlab.nn.BatchNorm2d) and head.parts[0].num_features == 16
+    assert isinstance(head.parts[3], torch.nn.Identity)  # InstanceNorm's and None's members
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model) == 2
 
 
 def test_layernorm_is_groupnorm_one():

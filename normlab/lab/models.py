@@ -110,10 +110,11 @@ def member_norms(norms: Sequence[str], channels: int, groups: int = 8) -> nn.Mod
 
 
 def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, width: int = 32,
-             groups: int = 8, members: int = 1, hidden: int | None = None) -> nn.Sequential:
-    """A CNN for small images: three ``conv3x3 -> norm -> ReLU`` stages of ``width`` channels,
-    a 2x2 max-pool after the first two, and a linear classifier on the last 2x2 feature maps
-    (a 2x2 convolution, so that members stay separate).
+             groups: int = 8, members: int = 1, hidden: int | None = None,
+             stages: int = 3) -> nn.Sequential:
+    """A CNN for small images: three (``stages``) ``conv3x3 -> norm -> ReLU`` stages of ``width``
+    channels, a 2x2 max-pool after the first two, and a linear classifier on the last 2x2
+    feature maps (a 2x2 convolution, so that members stay separate).
 
     On the 8x8 digits the three stages see 8x8, 4x4 and 2x2 feature maps: like the 7x7 last
     stage of a ResNet on ImageNet, the last stage gives BatchNorm few values per channel at a
@@ -122,6 +123,9 @@ def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, widt
     norm removes it). Other image sizes are average-pooled to 2x2 first.
     ``norm`` is one of :data:`NORMS` (see :func:`make_norm`); ``groups`` is GroupNorm's G and
     must divide ``width``.
+
+    ``stages`` (3 by default) sets the number of conv stages; with 2, the second stage's 4x4
+    maps are max-pooled to 2x2 as before the third.
 
     With ``hidden=H`` the classifier is instead a small fully connected head: the 2x2 maps go
     to ``H`` hidden units (a 2x2 convolution), then the norm, a ReLU and a linear layer to the
@@ -148,7 +152,7 @@ def make_cnn(norm: str | Sequence[str], classes: int, in_channels: int = 1, widt
     k, bias = len(norms), "None" in norms
     layers: list[nn.Module] = []
     c = in_channels
-    for stage in range(3):
+    for stage in range(stages):
         layers += [nn.Conv2d(k * c, k * width, 3, padding=1, groups=k, bias=bias),
                    member_norms(norms, width, groups), nn.ReLU(inplace=True)]
         if stage < 2:
