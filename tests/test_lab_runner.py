@@ -70,7 +70,8 @@ def test_results_json_schema(fake, tmp_path):
         assert {"title", "claims", "metrics", "figures", "seconds"} <= set(r), name
         assert "error" not in r and r["seconds"] >= 0
         for c in r["claims"]:
-            assert set(c) == {"claim", "holds", "evidence"} and isinstance(c["holds"], bool)
+            assert set(c) - {"why"} == {"claim", "holds", "evidence"}
+            assert isinstance(c["holds"], bool) and ("why" not in c or not c["holds"])
         for f in r["figures"]:
             assert (tmp_path / f).is_file()
     t = results["experiments"]["training"]
@@ -266,3 +267,20 @@ def test_cli_end_to_end(fake, tmp_path, capsys):
     assert "unknown lab experiment" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["lab", "--quick", "--data", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_claim_why_kept_only_when_the_claim_fails():
+    from normlab.lab.api import claim
+    assert "why" not in claim("x", True, "e", why="because")
+    assert claim("x", False, "e", why="because")["why"] == "because"
+    assert "why" not in claim("x", False, "e")
+
+
+def test_report_shows_why_a_claim_fails(tmp_path):
+    from normlab.lab.api import claim
+    from normlab.lab.report import render
+    result = {"title": "t", "claims": [claim("it holds", True, "ev1", why="unused"),
+                                       claim("it fails", False, "ev2", why="tiny <data>")],
+              "metrics": {}, "figures": [], "seconds": 1.0}
+    html = render({"experiments": {"x": result}}, tmp_path)
+    assert "tiny &lt;data&gt;" in html and "unused" not in html

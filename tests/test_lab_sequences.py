@@ -21,7 +21,8 @@ def _check_shape(result, out):
     assert set(result) == {"title", "claims", "metrics", "figures"}
     json.dumps(result, allow_nan=False)  # JSON-able, no NaN
     assert result["claims"] and all(
-        set(c) == {"claim", "holds", "evidence"} and isinstance(c["holds"], bool)
+        set(c) - {"why"} == {"claim", "holds", "evidence"} and isinstance(c["holds"], bool)
+        and ("why" not in c or not c["holds"])  # an explanation only for what does not hold
         for c in result["claims"])
     assert result["figures"]
     for rel in result["figures"]:

@@ -141,7 +141,8 @@ def _check_result(module, out, ctx, result):
     assert module.DESCRIPTION.startswith("<p>") and module.DESCRIPTION.endswith("</p>")
     assert result["claims"]
     for c in result["claims"]:
-        assert set(c) == {"claim", "holds", "evidence"}
+        assert set(c) - {"why"} == {"claim", "holds", "evidence"}
+        assert "why" not in c or (not c["holds"] and c["why"].strip())
         assert isinstance(c["holds"], bool) and c["claim"] and c["evidence"].strip()
     assert result["figures"]
     for f in result["figures"]:

@@ -32,9 +32,14 @@ from typing import Any, Callable, Iterator
 MODES = ("tiny", "quick", "full")
 
 
-def claim(text: str, holds: bool, evidence: str) -> dict:
-    """One claim of a paper and whether our numbers support it, with the numbers that decide."""
-    return {"claim": text, "holds": bool(holds), "evidence": evidence}
+def claim(text: str, holds: bool, evidence: str, why: str | None = None) -> dict:
+    """One claim of a paper and whether our numbers support it, with the numbers that decide.
+    ``why``: where the claim is not supported, why this small setting may disagree with the
+    paper's (kept only then; the report shows it under the evidence)."""
+    out = {"claim": text, "holds": bool(holds), "evidence": evidence}
+    if why and not holds:
+        out["why"] = why
+    return out
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -200,7 +200,9 @@ def _experiment(name: str, r: dict, out: Path) -> str:
     if claims:
         parts.append("<h3>Claims</h3><ul class='claims'>" + "".join(
             f"<li>{_verdict(c)} {escape(c.get('claim', ''))}"
-            f"<div class='evidence'>{escape(str(c.get('evidence', '')))}</div></li>"
+            f"<div class='evidence'>{escape(str(c.get('evidence', '')))}</div>"
+            + (f"<div class='evidence'><em>Why this setting may differ:</em> "
+               f"{escape(str(c['why']))}</div>" if c.get("why") else "") + "</li>"
             for c in claims) + "</ul>")
     if r.get("metrics"):
         parts.append("<h3>Metrics</h3>" + _value(r["metrics"]))
