@@ -271,13 +271,31 @@ def update_running_stats(
     """
     if count == 0:
         return
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(
-                mean.reshape(running_mean.shape).to(running_mean.dtype), alpha=momentum
-            )
-        if running_var is not None:
-            unbiased = var * (count / (count - 1)) if count > 1 else var
-            running_var.mul_(1 - momentum).add_(
-                unbiased.reshape(running_var.shape).to(running_var.dtype), alpha=momentum
-            )
+    if mean.requires_grad or var.requires_grad:
+        with torch.no_grad():
+            return update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
+                                        count, momentum)
+    # (each torch call costs microseconds: no-op reshapes and conversions are skipped, and
+    # float32/float64 CPU buffers are updated together by _foreach ops, bitwise the same as
+    # their per-tensor mul_ and add_ there; not for 16-bit buffers)
+    bufs, new = [], []
+    if running_mean is not None:
+        bufs.append(running_mean)
+        new.append(_like(mean, running_mean))
+    if running_var is not None:
+        bufs.append(running_var)
+        new.append(_like(var * (count / (count - 1)) if count > 1 else var, running_var))
+    if len(bufs) == 2 and all(b.device.type == "cpu" and b.dtype in (torch.float32, torch.float64)
+                              for b in bufs):
+        torch._foreach_mul_(bufs, 1 - momentum)
+        torch._foreach_add_(bufs, new, alpha=momentum)
+        return
+    for buf, v in zip(bufs, new):
+        buf.mul_(1 - momentum).add_(v, alpha=momentum)
+
+
+def _like(t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """t with buf's shape and dtype (itself when it has them)."""
+    if t.shape != buf.shape:
+        t = t.reshape(buf.shape)
+    return t if t.dtype == buf.dtype else t.to(buf.dtype)

@@ -1000,3 +1000,24 @@ def test_float16_narrowing_matches_torch():
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("count", [1, 2, 51])
+def test_running_stats_update_is_torchs_bitwise(dtype, count):
+    """update_running_stats (one call for both buffers on the CPU) gives bitwise torch's
+    ``mul_(1 - m).add_(new, alpha=m)`` per buffer, the variance unbiased by n / (n - 1)."""
+    from normlab import _engine
+    g = torch.Generator().manual_seed(count)
+    for n, momentum in ((1, 0.1), (37, 0.3333), (4099, 0.01)):
+        rm, rv = torch.randn(n, generator=g).to(dtype) * 10, torch.rand(n, generator=g).to(dtype)
+        mean, var = torch.randn(n, generator=g) * 10, torch.rand(n, generator=g) * 5
+        got_m, got_v = rm.clone(), rv.clone()
+        _engine.update_running_stats(got_m, got_v, mean, var, count, momentum)
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        want_m = rm.clone().mul_(1 - momentum).add_(mean.to(dtype), alpha=momentum)
+        want_v = rv.clone().mul_(1 - momentum).add_(unbiased.to(dtype), alpha=momentum)
+        assert torch.equal(got_m, want_m) and torch.equal(got_v, want_v)
+        only = rv.clone()
+        _engine.update_running_stats(None, only, mean, var, count, momentum)
+        assert torch.equal(only, want_v)

@@ -10,7 +10,9 @@ Three layouts cover the five norms (the canonical view of ``design/architecture.
 ``nchw``  ``x (N, C, L)``: one statistic per channel over (N, L). BatchNorm on NCHW inputs.
 ``nhwc``  ``x (P, R, C)``: one statistic per (p, group of ``cpg`` adjacent channels) over R.
           BatchNorm (P = 1, R = N*HW), InstanceNorm (P = N, cpg = 1) and GroupNorm on
-          channels_last inputs, and every norm with given (running) statistics.
+          channels_last inputs, and every norm with given (running) statistics. The small
+          per-group work between the passes (statistics from the partial sums, per-channel
+          scale and shift, k1/k2, parameter gradients) runs in the kernels' serial prologues.
 
 Statistics are shifted sums: with ``s`` a sample of the set (its first element), ``v = x - s``
 is small, and ``mean = s + sum(v)/m``, ``var = sum(v^2)/m - (sum(v)/m)^2`` lose nothing to
@@ -308,13 +310,28 @@ def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
             _segments(x[i], w[base:base + cpr], b[base:base + cpr], seg, eps, y[i], stats, i)
 
 
+@njit(cache=True, fastmath=_FM)
+def _join_blocks(dw_part, db_part, dw, db):  # pragma: no cover
+    """dw, db = the per-block partials summed over the blocks in order, in float64."""
+    for j in range(dw.shape[0]):
+        u1 = 0.0
+        u2 = 0.0
+        for t in range(dw_part.shape[0]):
+            u1 += dw_part[t, j]
+            u2 += db_part[t, j]
+        dw[j] = u1
+        db[j] = u2
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
-def rows_backward(x, w, dy, dh, stats, centered, dx, dw_part, db_part):  # pragma: no cover
+def rows_backward(x, w, dy, dh, stats, centered, blocks, dx, dw, db):  # pragma: no cover
     """dx = rstd (g w - <g w> - xhat <g w xhat>) per row (no <g w> when not centered), plus
     ``dh`` (M, D) when given (the residual stream's own gradient; else shape (0, 0));
-    dw_part/db_part (blocks, D) receive per-block sums of g xhat and g."""
+    dw, db (D) receive sum g xhat and sum g: per-block partials in x's dtype (``blocks`` fixed
+    by the caller), joined in order in float64."""
     m, d = x.shape
-    blocks = dw_part.shape[0]
+    dw_part = np.zeros((blocks, d), x.dtype)
+    db_part = np.zeros((blocks, d), x.dtype)
     per = (m + blocks - 1) // blocks
     add = dh.shape[0] > 0
     for t in prange(blocks):
@@ -326,15 +343,17 @@ def rows_backward(x, w, dy, dh, stats, centered, dx, dw_part, db_part):  # pragm
                 hr = dh[i]
                 for j in range(d):
                     out[j] += hr[j]
+    _join_blocks(dw_part, db_part, dw, db)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def segments_backward(x, w, dy, stats, seg, dx, dw_part, db_part):  # pragma: no cover
-    """The backward of :func:`segments_forward`; dw_part/db_part (blocks, len(w))."""
+def segments_backward(x, w, dy, stats, seg, blocks, dx, dw, db):  # pragma: no cover
+    """The backward of :func:`segments_forward`; dw, db (len(w)) as :func:`rows_backward`."""
     m, d = x.shape
     cpr = d // seg
     kk = w.shape[0] // cpr
-    blocks = dw_part.shape[0]
+    dw_part = np.zeros((blocks, w.shape[0]), x.dtype)
+    db_part = np.zeros((blocks, w.shape[0]), x.dtype)
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
         cs = np.empty(2, x.dtype)
@@ -342,6 +361,7 @@ def segments_backward(x, w, dy, stats, seg, dx, dw_part, db_part):  # pragma: no
             lo, hi = (i % kk) * cpr, (i % kk) * cpr + cpr
             _segments_backward(x[i], dy[i], w[lo:hi], seg, stats, i, dx[i], dw_part[t, lo:hi],
                                db_part[t, lo:hi], cs)
+    _join_blocks(dw_part, db_part, dw, db)
 
 
 # --- nchw: one statistic per channel of x (N, C, L), over N and L (BatchNorm)
@@ -417,6 +437,7 @@ def nchw_dx(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
         _dx_seg(x[i, ch], dy[i, ch], sh, de, r, a0, c1, c2, dx[i, ch])
 
 
+
 # --- nhwc: x (P, R, C), channels innermost. Work items are (p, chunk of R); per-channel sums
 # run in x's dtype over _ROWS rows at a time, then join float64 partials (P, T, C). The work on a
 # block of rows is in the _rows_* routines, shared with the 16-bit kernels below.
@@ -465,11 +486,129 @@ def _rows_dx(xb, gb, shp, dep, rp, wp, c1, c2, ob):  # pragma: no cover
             out[c] = rp[c] * (gr[c] * wp[c] - c2[c] - xh * c1[c])
 
 
+# The small per-(p, group) and per-channel work between the nhwc passes (joining the chunk
+# partials, statistics, per-channel scale and shift, k1/k2, parameter gradients) runs in the
+# serial prologue of the kernels, in fixed sequential order: a pass is one Numba call, not a
+# dozen NumPy calls. (Not in separate @njit drivers calling the parallel kernels: a caller links
+# and re-optimizes its callees' code, which made the first call's compilation 3-4x slower.)
+
+
+@njit(cache=True, fastmath=_FM)
+def _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, count, eps, st):  # pragma: no cover
+    """Statistics into st (4, P*G) from the chunk partials s1, s2 (P, T, C) float64 and the
+    shifts sh (P, C) (or from the given per-channel ``mean``/``var`` when they are not empty:
+    P = 1, cpg = 1), and the
+    per-channel (P, C) arrays of the normalizing pass: (delta, rstd w, b); given statistics
+    also fill sh (with the mean). ``count``: elements per statistics set."""
+    p_, c_ = sh.shape
+    t_ = s1.shape[1]
+    g_ = c_ // cpg
+    de, a, bb = np.empty_like(sh), np.empty_like(sh), np.empty_like(sh)
+    given = var.shape[0] > 0
+    for p in range(p_):
+        for g in range(g_):
+            i = p * g_ + g
+            if given:
+                st[0, i] = mean[g]
+                st[1, i] = 0
+                st[3, i] = var[g]
+                st[2, i] = 1.0 / math.sqrt(np.float64(var[g]) + eps)
+                sh[p, g] = st[0, i]
+            else:
+                t1 = 0.0
+                t2 = 0.0
+                for k in range(cpg):
+                    u1 = 0.0
+                    u2 = 0.0
+                    for t in range(t_):
+                        u1 += s1[p, t, g * cpg + k]
+                        u2 += s2[p, t, g * cpg + k]
+                    t1 += u1
+                    t2 += u2
+                m = t1 / count
+                v = t2 / count - m * m
+                if v < 0.0:  # (nan stays nan: inf inputs give nan statistics, as elsewhere)
+                    v = 0.0
+                st[0, i] = sh[p, g * cpg]
+                st[1, i] = m
+                st[2, i] = 1.0 / math.sqrt(v + eps)
+                st[3, i] = v
+            for k in range(cpg):
+                c = g * cpg + k
+                de[p, c] = st[1, i]
+                a[p, c] = st[2, i] * w[c]
+                bb[p, c] = b[c]
+    return de, a, bb
+
+
+@njit(cache=True, fastmath=_FM)
+def _nhwc_unpack(st, p_, c_, cpg):  # pragma: no cover
+    """stats (4, P*G) -> shift, delta, rstd as (P, C) arrays, repeated over each group."""
+    sh = np.empty((p_, c_), st.dtype)
+    de, r = np.empty_like(sh), np.empty_like(sh)
+    g_ = c_ // cpg
+    for p in range(p_):
+        for c in range(c_):
+            i = p * g_ + c // cpg
+            sh[p, c], de[p, c], r[p, c] = st[0, i], st[1, i], st[2, i]
+    return sh, de, r
+
+
+@njit(cache=True, fastmath=_FM)
+def _nhwc_grad_finish(s1, s2, w, cpg, count, input_stats, dw, db):  # pragma: no cover
+    """From the chunk partials s1, s2 (P, T, C) of sum(dy xhat), sum(dy): dw, db (C) (summed
+    over P), and the (P, C) arrays w, k1 = <dy w xhat>, k2 = <dy w> over each (p, group) of
+    the dx pass (k1 = k2 = 0 for given statistics)."""
+    p_, t_, c_ = s1.shape
+    g_ = c_ // cpg
+    gx = np.zeros((p_, c_))
+    gs = np.zeros((p_, c_))
+    for p in range(p_):
+        for c in range(c_):
+            u1 = 0.0
+            u2 = 0.0
+            for t in range(t_):
+                u1 += s1[p, t, c]
+                u2 += s2[p, t, c]
+            gx[p, c] = u1
+            gs[p, c] = u2
+    for c in range(c_):
+        u1 = 0.0
+        u2 = 0.0
+        for p in range(p_):
+            u1 += gx[p, c]
+            u2 += gs[p, c]
+        dw[c] = u1
+        db[c] = u2
+    wp = np.empty((p_, c_), w.dtype)
+    k1, k2 = np.zeros_like(wp), np.zeros_like(wp)
+    for p in range(p_):
+        for g in range(g_):
+            u1 = 0.0
+            u2 = 0.0
+            for k in range(cpg):
+                c = g * cpg + k
+                wp[p, c] = w[c]
+                u1 += gx[p, c] * w[c]
+                u2 += gs[p, c] * w[c]
+            if input_stats:
+                for k in range(cpg):
+                    k1[p, g * cpg + k] = u1 / count
+                    k2[p, g * cpg + k] = u2 / count
+    return wp, k1, k2
+
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_moments(x, sh, s1, s2):  # pragma: no cover
+def nhwc_moments(x, cpg, sh, s1, s2):  # pragma: no cover
     """s1, s2 (P, T, C) float64 (zeroed) receive sum(v), sum(v^2) of v = x - sh[p, c] over
-    chunk t of R (T = s1.shape[1]); sh (P, C) has x's dtype."""
+    chunk t of R (T = s1.shape[1]); sh (P, C), x's dtype, receives the shifts first: each
+    group's first element repeated over its cpg channels (so that per-channel partial sums add
+    up exactly to the group's)."""
     p_, r_, c_ = x.shape
+    for p in range(p_):
+        for c in range(c_):
+            sh[p, c] = x[p, 0, (c // cpg) * cpg]
     chunks = s1.shape[1]
     per = (r_ + chunks - 1) // chunks
     for item in prange(p_ * chunks):
@@ -486,33 +625,35 @@ def nhwc_moments(x, sh, s1, s2):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_affine(x, sh, de, a, b, chunks, y):  # pragma: no cover
-    """y = ((x - sh[p, c]) - de[p, c]) * a[p, c] + b[p, c] over x (P, R, C); the (P, C)
-    arrays may have one row (P = 1 broadcast)."""
+def nhwc_affine(x, sh, s1, s2, w, b, mean, var, cpg, eps, chunks, st, y):  # pragma: no cover
+    """Statistics into st from :func:`nhwc_moments`' sh, s1, s2 (or the given ``mean``/``var``,
+    see :func:`_nhwc_finish`), then y = ((x - sh[p, c]) - de[p, c]) * a[p, c] + bb[p, c] over
+    x (P, R, C), with a = rstd w."""
     p_, r_, c_ = x.shape
+    de, a, bb = _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, r_ * cpg, eps, st)
     per = (r_ + chunks - 1) // chunks
     for item in prange(p_ * chunks):
         p, t = item // chunks, item % chunks
-        q = p if sh.shape[0] > 1 else 0
         lo, hi = t * per, min(r_, (t + 1) * per)
-        _rows_affine(x[p, lo:hi], sh[q], de[q], a[q], b[q], y[p, lo:hi])
+        _rows_affine(x[p, lo:hi], sh[p], de[p], a[p], bb[p], y[p, lo:hi])
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_grad_moments(x, dy, sh, de, r, s1, s2):  # pragma: no cover
-    """s1, s2 (P, T, C) float64 (zeroed) receive sum(dy * xhat), sum(dy) over chunk t of R."""
+def nhwc_grad_moments(x, dy, st, cpg, s1, s2):  # pragma: no cover
+    """s1, s2 (P, T, C) float64 (zeroed) receive sum(dy * xhat), sum(dy) over chunk t of R,
+    with the statistics st (4, P*G) of groups of cpg channels."""
     p_, r_, c_ = x.shape
+    sh, de, r = _nhwc_unpack(st, p_, c_, cpg)
     chunks = s1.shape[1]
     per = (r_ + chunks - 1) // chunks
     for item in prange(p_ * chunks):
         p, t = item // chunks, item % chunks
-        q = p if sh.shape[0] > 1 else 0
         acc = np.empty((2, c_), x.dtype)
         stop = min(r_, (t + 1) * per)
         for k0 in range(t * per, stop, _ROWS):
             acc[:] = 0
             k1 = min(stop, k0 + _ROWS)
-            _rows_grad_moments(x[p, k0:k1], dy[p, k0:k1], sh[q], de[q], r[q], acc[0], acc[1])
+            _rows_grad_moments(x[p, k0:k1], dy[p, k0:k1], sh[p], de[p], r[p], acc[0], acc[1])
             o1, o2 = s1[p, t], s2[p, t]
             for c in range(c_):
                 o1[c] += acc[0, c]
@@ -520,16 +661,21 @@ def nhwc_grad_moments(x, dy, sh, de, r, s1, s2):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_dx(x, dy, sh, de, r, w, k1, k2, chunks, dx):  # pragma: no cover
-    """dx = r (dy w - k2 - xhat k1) over x (P, R, C), every other argument (P, C) or (1, C);
-    k1 = <dy w xhat> and k2 = <dy w> over each statistics set (zero for given statistics)."""
+def nhwc_dx(x, dy, st, w, s1, s2, cpg, input_stats, chunks, dx, dw, db):  # pragma: no cover
+    """dw, db (C) from :func:`nhwc_grad_moments`' s1, s2, then (dx of size 0: skipped)
+    dx = r (dy w - k2 - xhat k1) over x (P, R, C); k1 = <dy w xhat> and k2 = <dy w> over each
+    statistics set (zero for given statistics: ``input_stats`` False)."""
     p_, r_, c_ = x.shape
+    sh, de, r = _nhwc_unpack(st, p_, c_, cpg)
+    wp, k1, k2 = _nhwc_grad_finish(s1, s2, w, cpg, r_ * cpg, input_stats, dw, db)
     per = (r_ + chunks - 1) // chunks
-    for item in prange(p_ * chunks):
+    items = p_ * chunks if dx.shape[0] > 0 else 0
+    for item in prange(items):
         p, t = item // chunks, item % chunks
-        q = p if sh.shape[0] > 1 else 0
         lo, hi = t * per, min(r_, (t + 1) * per)
-        _rows_dx(x[p, lo:hi], dy[p, lo:hi], sh[q], de[q], r[q], w[q], k1[q], k2[q], dx[p, lo:hi])
+        _rows_dx(x[p, lo:hi], dy[p, lo:hi], sh[p], de[p], r[p], wp[p], k1[p], k2[p],
+                 dx[p, lo:hi])
+
 
 
 # --- 16-bit floats: bfloat16 and float16 read and written in place, computed in float32.
@@ -624,13 +770,14 @@ def rows_forward_16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def rows_backward_16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # pragma: no cover
+def rows_backward_16(x, w, dy, stats, seg, centered, blocks, dx, dw, db):  # pragma: no cover
     """:func:`rows_backward` (seg = 0) or :func:`segments_backward` on 16-bit x, dy, dx
     (float32 partials)."""
     m, d = x.shape
     cpr = d // seg if seg > 0 else d
     kk = w.shape[0] // cpr
-    blocks = dw_part.shape[0]
+    dw_part = np.zeros((blocks, w.shape[0]), np.float32)
+    db_part = np.zeros((blocks, w.shape[0]), np.float32)
     per = (m + blocks - 1) // blocks
     for t in prange(blocks):
         cs = np.empty(2, np.float32)
@@ -645,6 +792,7 @@ def rows_backward_16(x, w, dy, stats, seg, centered, dx, dw_part, db_part):  # p
             else:
                 _row_backward(xf, gf, w, stats, i, centered, of, dw_part[t], db_part[t], cs)
             _narrow(of, dx[i])
+    _join_blocks(dw_part, db_part, dw, db)
 
 
 # nchw, 16-bit: each (sample, channel) row of L is processed in slices of _S elements, widened
@@ -830,9 +978,12 @@ def _sub(c):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_moments_16(x, sh, s1, s2):  # pragma: no cover
+def nhwc_moments_16(x, cpg, sh, s1, s2):  # pragma: no cover
     """:func:`nhwc_moments` on 16-bit x (P, R, C); sh float32."""
     p_, r_, c_ = x.shape
+    for p in range(p_):
+        for c in range(c_):
+            sh[p, c] = _h2f(x[p, 0, (c // cpg) * cpg])
     chunks = s1.shape[1]
     per = (r_ + chunks - 1) // chunks
     sub = _sub(c_)
@@ -857,14 +1008,15 @@ def nhwc_moments_16(x, sh, s1, s2):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_affine_16(x, sh, de, a, b, chunks, y):  # pragma: no cover
-    """:func:`nhwc_affine` on 16-bit x, y (P, R, C); the (P, C) arrays float32."""
+def nhwc_affine_16(x, sh, s1, s2, w, b, mean, var, cpg, eps, chunks, st,
+                   y):  # pragma: no cover
+    """:func:`nhwc_affine` on 16-bit x, y (P, R, C); sh, w, b, mean, var, st float32."""
     p_, r_, c_ = x.shape
+    de, a, bb = _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, r_ * cpg, eps, st)
     per = (r_ + chunks - 1) // chunks
     sub = _sub(c_)
     for item in prange(p_ * chunks):
         p, t = item // chunks, item % chunks
-        q = p if sh.shape[0] > 1 else 0
         xf, yf = np.empty(sub * c_, np.float32), np.empty(sub * c_, np.float32)
         x2, y2 = xf.reshape((sub, c_)), yf.reshape((sub, c_))
         xp, yp = x[p].reshape(r_ * c_), y[p].reshape(r_ * c_)
@@ -872,20 +1024,20 @@ def nhwc_affine_16(x, sh, de, a, b, chunks, y):  # pragma: no cover
         for k0 in range(t * per, stop, sub):
             k = min(sub, stop - k0)
             _widen(xp[k0 * c_:(k0 + k) * c_], xf)
-            _rows_affine(x2[:k], sh[q], de[q], a[q], b[q], y2)
+            _rows_affine(x2[:k], sh[p], de[p], a[p], bb[p], y2)
             _narrow(yf, yp[k0 * c_:(k0 + k) * c_])
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_grad_moments_16(x, dy, sh, de, r, s1, s2):  # pragma: no cover
+def nhwc_grad_moments_16(x, dy, st, cpg, s1, s2):  # pragma: no cover
     """:func:`nhwc_grad_moments` on 16-bit x, dy (P, R, C)."""
     p_, r_, c_ = x.shape
+    sh, de, r = _nhwc_unpack(st, p_, c_, cpg)
     chunks = s1.shape[1]
     per = (r_ + chunks - 1) // chunks
     sub = _sub(c_)
     for item in prange(p_ * chunks):
         p, t = item // chunks, item % chunks
-        q = p if sh.shape[0] > 1 else 0
         acc = np.empty((2, c_), np.float32)
         xf, gf = np.empty(sub * c_, np.float32), np.empty(sub * c_, np.float32)
         x2, g2 = xf.reshape((sub, c_)), gf.reshape((sub, c_))
@@ -898,7 +1050,7 @@ def nhwc_grad_moments_16(x, dy, sh, de, r, s1, s2):  # pragma: no cover
                 k = min(sub, r1 - k0)
                 _widen(xp[k0 * c_:(k0 + k) * c_], xf)
                 _widen(gp[k0 * c_:(k0 + k) * c_], gf)
-                _rows_grad_moments(x2[:k], g2, sh[q], de[q], r[q], acc[0], acc[1])
+                _rows_grad_moments(x2[:k], g2, sh[p], de[p], r[p], acc[0], acc[1])
             o1, o2 = s1[p, t], s2[p, t]
             for c in range(c_):
                 o1[c] += acc[0, c]
@@ -906,14 +1058,17 @@ def nhwc_grad_moments_16(x, dy, sh, de, r, s1, s2):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def nhwc_dx_16(x, dy, sh, de, r, w, k1, k2, chunks, dx):  # pragma: no cover
-    """:func:`nhwc_dx` on 16-bit x, dy, dx (P, R, C); the (P, C) arrays float32."""
+def nhwc_dx_16(x, dy, st, w, s1, s2, cpg, input_stats, chunks, dx, dw,
+               db):  # pragma: no cover
+    """:func:`nhwc_dx` on 16-bit x, dy, dx (P, R, C); st, w, dw, db float32."""
     p_, r_, c_ = x.shape
+    sh, de, r = _nhwc_unpack(st, p_, c_, cpg)
+    wp, k1, k2 = _nhwc_grad_finish(s1, s2, w, cpg, r_ * cpg, input_stats, dw, db)
     per = (r_ + chunks - 1) // chunks
     sub = _sub(c_)
-    for item in prange(p_ * chunks):
+    items = p_ * chunks if dx.shape[0] > 0 else 0
+    for item in prange(items):
         p, t = item // chunks, item % chunks
-        q = p if sh.shape[0] > 1 else 0
         xf, gf, of = (np.empty(sub * c_, np.float32), np.empty(sub * c_, np.float32),
                       np.empty(sub * c_, np.float32))
         x2, g2, o2 = xf.reshape((sub, c_)), gf.reshape((sub, c_)), of.reshape((sub, c_))
@@ -923,5 +1078,7 @@ def nhwc_dx_16(x, dy, sh, de, r, w, k1, k2, chunks, dx):  # pragma: no cover
             k = min(sub, stop - k0)
             _widen(xp[k0 * c_:(k0 + k) * c_], xf)
             _widen(gp[k0 * c_:(k0 + k) * c_], gf)
-            _rows_dx(x2[:k], g2, sh[q], de[q], r[q], w[q], k1[q], k2[q], o2)
+            _rows_dx(x2[:k], g2, sh[p], de[p], r[p], wp[p], k1[p], k2[p], o2)
             _narrow(of, op[k0 * c_:(k0 + k) * c_])
+
+

@@ -51,6 +51,8 @@ from ._fused import FLOATS, FusedBackend, Ops
 
 _NONE = {np.dtype(np.float32): np.empty((0, 0), np.float32),  # "no array" for the kernels
          np.dtype(np.float64): np.empty((0, 0), np.float64)}
+_EMPTY = {dt: np.empty(0, dt) for dt in _NONE}  # the same, 1-D
+_EMPTY3 = np.empty((0, 0, 0))  # "no partial sums" (given statistics)
 _BLOCKS = 64  # parameter-gradient partial sums per call: fixed, so results ignore thread count
 _BLOCK_ROWS = 16  # rows per partial sum at least (fewer, smaller partials for small inputs)
 _CHUNKS = 64  # nhwc work items (P * chunks of R) aimed at, fixed for the same reason
@@ -101,7 +103,10 @@ def _start_pool() -> None:
 
 
 def _channels_last(x: torch.Tensor) -> bool:
-    """Channels innermost and dense: x.movedim(1, -1) is contiguous (and x is not)."""
+    """Channels innermost and dense: x.movedim(1, -1) is contiguous (and x is not). (For 4-D x
+    the same as torch's channels_last contiguity, a cheaper call.)"""
+    if x.dim() == 4:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
@@ -174,12 +179,15 @@ def _views(x: torch.Tensor, layout: str, kind: str, groups: int) -> tuple[int, .
 
 
 _HALF = (torch.bfloat16, torch.float16)  # computed in the kernels on their bit patterns
+_LAST = {d: (0, *range(2, d), 1) for d in range(3, 9)}  # axes of movedim(1, -1)
 
 
 def _kernel_array(t: torch.Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     """A NumPy view of t (dense in the layout's order) shaped for the kernels; 16-bit floats as
     their bit patterns, bfloat16 as uint16 and float16 as int16 (what the 16-bit kernels take)."""
     if layout == "nhwc" and t.dim() >= 3:
+        if t.dtype not in _HALF:  # NumPy's transpose costs a fraction of torch's movedim
+            return t.numpy().transpose(_LAST[t.dim()]).reshape(shape)
         t = t.movedim(1, -1)
     if t.dtype in _HALF:
         bits = t.view(torch.int16).reshape(shape).numpy()
@@ -197,13 +205,6 @@ def _bits(xs: np.ndarray) -> bool:
 def _fdt(xs: np.ndarray) -> np.dtype:
     """The kernels' floating dtype for xs: float32 for 16-bit floats, else xs's own."""
     return np.dtype(np.float32) if _bits(xs) else xs.dtype
-
-
-def _widen_np(bits: np.ndarray) -> np.ndarray:
-    """16-bit bit patterns (a few values, e.g. the shifts) -> float32, in NumPy."""
-    if bits.dtype == np.uint16:  # bfloat16
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return bits.view(np.float16).astype(np.float32)
 
 
 def _as_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
@@ -242,21 +243,30 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
         K.rows_forward(xs, w, b, eps, kind != "rms", ys, st)
     elif layout == "rows":
         K.segments_forward(xs, w, b, _seg(x, kind, groups, shape), eps, ys, st)
-    elif var is not None:  # given statistics, per channel
+    elif layout == "nhwc":  # batch statistics per (p, group), or given ones per channel
+        p, r, c = shape
+        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
+        sh = np.empty((p, c), st.dtype)
+        if var is None:
+            m = v = _EMPTY[st.dtype]
+            s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
+            (K.nhwc_moments_16 if half else K.nhwc_moments)(xs, cpg, sh, s1, s2)
+        else:
+            m, v = _vec(mean, npar, 0.0, acc), _vec(var, npar, 1.0, acc)
+            s1 = s2 = _EMPTY3
+        (K.nhwc_affine_16 if half else K.nhwc_affine)(xs, sh, s1, s2, w, b, m, v, cpg, eps, t,
+                                                      st, ys)
+    elif var is not None:  # given statistics, per channel (nchw)
         st[0] = _vec(mean, npar, 0.0, acc)
         st[1] = 0
         st[3] = _vec(var, npar, 1.0, acc)
         st[2] = 1.0 / np.sqrt(st[3] + eps)
-        _affine(xs, st, w, b, layout, ys, per_group=1)
+        _affine(xs, st, w, b, ys)
     elif layout == "nchw" and half and _fuse_channels(shape[1]):
         K.nchw_forward_16(xs, w, b, eps, st, ys)
-    elif layout == "nchw":
-        (K.nchw_stats_16 if half else K.nchw_stats)(xs, st, eps)
-        _affine(xs, st, w, b, layout, ys, per_group=1)
     else:
-        cpg = x.shape[1] // groups if kind == "group" else 1
-        _nhwc_stats(xs, cpg, eps, st)
-        _affine(xs, st, w, b, layout, ys, per_group=cpg)
+        (K.nchw_stats_16 if half else K.nchw_stats)(xs, st, eps)
+        _affine(xs, st, w, b, ys)
     if yk is not y:
         y.copy_(yk)
     return y, stats
@@ -277,48 +287,9 @@ def _chunks(p: int, r: int) -> int:
     return max(1, min(r, _CHUNKS // max(p, 1)))
 
 
-def _nhwc_stats(xs: np.ndarray, cpg: int, eps: float, st: np.ndarray) -> None:
-    """Statistics per (p, group of cpg adjacent channels) of xs (P, R, C) into st (4, P*G)."""
-    p, r, c = xs.shape
-    g = c // cpg
-    # one shift per group (its first element), repeated over the group's channels, so that
-    # per-channel partial sums add up exactly to the group's
-    first = xs[:, 0, ::cpg]
-    shift = np.repeat(_widen_np(first) if _bits(xs) else first, cpg, axis=1)
-    t = _chunks(p, r)
-    s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
-    (K.nhwc_moments_16 if _bits(xs) else K.nhwc_moments)(xs, shift, s1, s2)
-    count = r * cpg
-    s1 = s1.sum(1).reshape(p, g, cpg).sum(2) / count
-    s2 = s2.sum(1).reshape(p, g, cpg).sum(2) / count
-    with np.errstate(invalid="ignore"):  # inf inputs give nan statistics, as elsewhere
-        var = np.maximum(s2 - s1 * s1, 0.0)
-    st[0] = shift[:, ::cpg].reshape(-1)
-    st[1] = s1.reshape(-1)
-    st[3] = var.reshape(-1)
-    st[2] = 1.0 / np.sqrt(var.reshape(-1) + eps)
-
-
-def _per_channel(st: np.ndarray, p: int, c: int, cpg: int) -> np.ndarray:
-    """stats (4, P*G) -> (4, P, C): each group's values repeated over its channels."""
-    return np.ascontiguousarray(np.repeat(st.reshape(4, p, c // cpg), cpg, axis=2))
-
-
-def _affine(xs, st, w, b, layout, ys, per_group) -> None:
-    """ys = ((xs - shift) - delta) * rstd * w + b with st's statistics."""
-    half = _bits(xs)
-    if layout == "nchw":
-        (K.nchw_affine_16 if half else K.nchw_affine)(xs, st[0], st[1], st[2] * w, b, ys)
-        return
-    p, r, c = xs.shape
-    pc = _per_channel(st, st.shape[1] // (c // per_group), c, per_group)
-    (K.nhwc_affine_16 if half else K.nhwc_affine)(xs, pc[0], pc[1], pc[2] * w,
-                                                  _rows_of(b, pc[0]), _chunks(p, r), ys)
-
-
-def _rows_of(v: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """v broadcast to like's (P, C) shape and dtype, contiguous (what the kernels take)."""
-    return np.ascontiguousarray(np.broadcast_to(v, like.shape), dtype=like.dtype)
+def _affine(xs, st, w, b, ys) -> None:
+    """ys = ((xs - shift) - delta) * rstd * w + b with st's per-channel statistics (nchw)."""
+    (K.nchw_affine_16 if _bits(xs) else K.nchw_affine)(xs, st[0], st[1], st[2] * w, b, ys)
 
 
 def _seg(x: torch.Tensor, kind: str, groups: int, shape: tuple[int, ...]) -> int:
@@ -352,23 +323,30 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     w = _vec(weight, npar, 1.0, acc)
     if layout == "rows":
         # per-block partials in the kernels' dtype (up to a few hundred rows each, at least
-        # _BLOCK_ROWS: summing the partials costs as much as a block), summed in float64
+        # _BLOCK_ROWS: summing the partials costs as much as a block), joined in float64
         blocks = max(1, min(_BLOCKS, shape[0] // _BLOCK_ROWS))
-        dw, db = np.zeros((blocks, npar), fdt), np.zeros((blocks, npar), fdt)
+        dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
         if half:
-            K.rows_backward_16(xs, w, gs, st, _seg(x, kind, groups, shape), kind != "rms", out,
-                               dw, db)
+            K.rows_backward_16(xs, w, gs, st, _seg(x, kind, groups, shape), kind != "rms",
+                               blocks, out, dw, db)
         elif kind in ("layer", "rms"):
             dhs = _NONE[xs.dtype] if dh is None else dh.to(acc).contiguous().view(shape).numpy()
-            K.rows_backward(xs, w, gs, dhs, st, kind != "rms", out, dw, db)
+            K.rows_backward(xs, w, gs, dhs, st, kind != "rms", blocks, out, dw, db)
         else:
-            K.segments_backward(xs, w, gs, st, _seg(x, kind, groups, shape), out, dw, db)
-        dw, db = dw.sum(0, dtype=np.float64), db.sum(0, dtype=np.float64)
-    elif layout == "nchw" and half and _fuse_channels(shape[1]):
+            K.segments_backward(xs, w, gs, st, _seg(x, kind, groups, shape), blocks, out, dw, db)
+    elif layout == "nhwc":
+        p, r, c = shape
+        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
+        s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
+        dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
+        (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments)(xs, gs, st, cpg, s1, s2)
+        (K.nhwc_dx_16 if half else K.nhwc_dx)(xs, gs, st, w, s1, s2, cpg, input_stats, t, dxs,
+                                              dw, db)
+    elif half and _fuse_channels(shape[1]):
         dw, db = np.empty(npar), np.empty(npar)
         K.nchw_backward_16(xs, gs, st, w, input_stats, dxs, dw, db)
-    elif layout == "nchw":
+    else:
         dw, db = np.empty(npar), np.empty(npar)
         (K.nchw_grad_sums_16 if half else K.nchw_grad_sums)(xs, gs, st, dw, db)
         if need_dx:
@@ -376,11 +354,11 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
             k1 = (dw / count if input_stats else np.zeros(npar)).astype(fdt)
             k2 = (db / count if input_stats else np.zeros(npar)).astype(fdt)
             (K.nchw_dx_16 if half else K.nchw_dx)(xs, gs, st, st[2] * w, k1, k2, dxs)
-    else:
-        dw, db = _nhwc_backward(xs, gs, st, w, kind, groups, input_stats, dxs if need_dx else None)
     if need_dx and dxk is not dx:
         dx.copy_(dxk)
-    return dx, torch.from_numpy(dw.astype(fdt)), torch.from_numpy(db.astype(fdt))
+    if dw.dtype != fdt:
+        dw, db = dw.astype(fdt), db.astype(fdt)
+    return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
 
 @cpu_norm_backward.register_fake
@@ -389,28 +367,6 @@ def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
     acc = _acc(x.dtype)
     dx = _out_like(x, kind) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
-
-
-def _nhwc_backward(xs, gs, st, w, kind, groups, input_stats, dxs):
-    p, r, c = xs.shape
-    cpg = c // groups if kind == "group" else 1
-    pc = _per_channel(st, st.shape[1] // (c // cpg), c, cpg)  # (4, P or 1, C)
-    t = _chunks(p, r)
-    s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
-    half = _bits(xs)
-    (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments)(xs, gs, pc[0], pc[1], pc[2], s1, s2)
-    sum_gx, sum_g = s1.sum(1), s2.sum(1)  # (P, C)
-    if dxs is not None:
-        if input_stats:  # <dy w xhat> and <dy w> over each (p, group)
-            count, g = r * cpg, c // cpg
-            k1 = np.repeat((sum_gx * w).reshape(p, g, cpg).sum(2) / count, cpg, axis=1)
-            k2 = np.repeat((sum_g * w).reshape(p, g, cpg).sum(2) / count, cpg, axis=1)
-        else:
-            k1 = k2 = np.zeros(c)
-        like = pc[0]
-        (K.nhwc_dx_16 if half else K.nhwc_dx)(xs, gs, pc[0], pc[1], pc[2], _rows_of(w, like),
-                                              _rows_of(k1, like), _rows_of(k2, like), t, dxs)
-    return sum_gx.sum(0), sum_g.sum(0)
 
 
 # --- residual add fused with LayerNorm / RMSNorm
@@ -445,8 +401,12 @@ def _(x, residual, weight, bias, kind, groups, eps):
 
 
 def _given(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) of a forward's stats (4, S): shift + delta, var."""
-    return stats[0] + stats[1], stats[3]
+    """(mean, biased variance) of a forward's stats (4, S): shift + delta, var. (In eager mode
+    through NumPy: the same IEEE sum in stats' dtype, at a fraction of torch's per-call cost.)"""
+    if torch.compiler.is_compiling():
+        return stats[0] + stats[1], stats[3]
+    st = stats.numpy()
+    return torch.from_numpy(st[0] + st[1]), stats[3]
 
 
 def _fuses_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
