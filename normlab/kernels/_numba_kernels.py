@@ -190,17 +190,24 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
+def _store_stats(stats, i, s, s1, s2, count, eps, centered):  # pragma: no cover
+    """stats[:, i] = (shift, delta, rstd, var) of a set of ``count`` values from its shifted sums
+    s1 = sum(x - s), s2 = sum((x - s)^2); not centered: delta 0 and var the mean square."""
+    mu = s1 / count if centered else 0.0
+    v = max(s2 / count - mu * mu, 0.0)
+    stats[0, i] = s
+    stats[1, i] = mu
+    stats[2, i] = 1.0 / math.sqrt(v + eps)
+    stats[3, i] = v
+
+
+@njit(cache=True, fastmath=_FM)
 def _row_stats(row, eps, centered, stats, i):  # pragma: no cover
     """Statistics of one row into stats[:, i]; returns (shift, delta, rstd) in row's dtype."""
     d = row.shape[0]
     s = row[0] if centered else row.dtype.type(0)
     s1, s2 = _moments(row, s)
-    mu = s1 / d if centered else 0.0
-    v = max(s2 / d - mu * mu, 0.0)
-    stats[0, i] = s
-    stats[1, i] = mu
-    stats[2, i] = 1.0 / math.sqrt(v + eps)
-    stats[3, i] = v
+    _store_stats(stats, i, s, s1, s2, d, eps, centered)
     return stats[0, i], stats[1, i], stats[2, i]  # rounded to x's dtype
 
 
@@ -393,12 +400,7 @@ def nchw_stats(x, stats, eps):  # pragma: no cover
             a, q = _moments(x[i, ch], s)
             s1 += a
             s2 += q
-        mu = s1 / count
-        v = max(s2 / count - mu * mu, 0.0)
-        stats[0, ch] = s
-        stats[1, ch] = mu
-        stats[2, ch] = 1.0 / math.sqrt(v + eps)
-        stats[3, ch] = v
+        _store_stats(stats, ch, s, s1, s2, count, eps, True)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -819,12 +821,7 @@ def nchw_stats_16(x, stats, eps):  # pragma: no cover
                 a, q = _chunk_moments(xf[:k], s)
                 s1 += a
                 s2 += q
-        mu = s1 / count
-        v = max(s2 / count - mu * mu, 0.0)
-        stats[0, ch] = s
-        stats[1, ch] = mu
-        stats[2, ch] = 1.0 / math.sqrt(v + eps)
-        stats[3, ch] = v
+        _store_stats(stats, ch, s, s1, s2, count, eps, True)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -913,12 +910,7 @@ def nchw_forward_16(x, w, b, eps, stats, y):  # pragma: no cover
                 a, q = _chunk_moments(xf[:j1 - j0], s)
                 s1 += a
                 s2 += q
-        mu = s1 / count
-        v = max(s2 / count - mu * mu, 0.0)
-        stats[0, ch] = s
-        stats[1, ch] = mu
-        stats[2, ch] = 1.0 / math.sqrt(v + eps)
-        stats[3, ch] = v
+        _store_stats(stats, ch, s, s1, s2, count, eps, True)
         s0, d0, a0, b0 = stats[0, ch], stats[1, ch], stats[2, ch] * w[ch], b[ch]
         for i in range(n):
             xr, yr = x[i, ch], y[i, ch]
