@@ -17,15 +17,20 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def floating_input(fn: str, x, min_dim: int, layout: str) -> None:
-    """``x`` is a real floating-point tensor with at least ``min_dim`` dimensions."""
+def floating_tensor(fn: str, x, name: str = "input") -> None:
+    """``x`` (called ``name`` in messages) is a real floating-point tensor."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise TypeError(f"{fn}: expected a torch.Tensor {name}, got {type(x).__name__}")
     if not x.is_floating_point():
         raise DTypeError(
-            f"{fn}: expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"{fn}: expected a floating-point {name} (float16, bfloat16, float32 or float64), "
             f"got {x.dtype}; convert it first, e.g. x.float()"
         )
+
+
+def floating_input(fn: str, x, min_dim: int, layout: str) -> None:
+    """``x`` is a real floating-point tensor with at least ``min_dim`` dimensions."""
+    floating_tensor(fn, x)
     if x.dim() < min_dim:
         raise ShapeError(
             f"{fn}: expected an input of shape {layout} with at least {min_dim} dimensions, "

@@ -25,7 +25,7 @@ import torch
 
 from .. import _checks, _engine
 from .. import functional as F
-from .._errors import ArgumentError, DTypeError, ShapeError
+from .._errors import ArgumentError, ShapeError
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .normalization import LayerNorm, RMSNorm
 
@@ -43,13 +43,7 @@ def _channels_first(fn: str, x, num_features: int, ranks: tuple[int, ...], layou
                     name: str = "input") -> None:
     """``x`` is a floating ``(N, C, *)`` tensor of an accepted rank with ``num_features``
     channels in dim 1."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: expected a torch.Tensor {name}, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise DTypeError(
-            f"{fn}: expected a floating-point {name} (float16, bfloat16, float32 or float64), "
-            f"got {x.dtype}; convert it first, e.g. x.float()"
-        )
+    _checks.floating_tensor(fn, x, name)
     if x.dim() not in ranks:
         ranks_text = (" or ".join(f"{r}-D" for r in ranks) if len(ranks) < 4
                       else f"{ranks[0]}-D or more")
