@@ -5,7 +5,8 @@
   the classic normalization experiments and write an HTML report (resumable).
 * ``normlab explain NORM [--out DIR]``: a norm's reduction spec, a worked example, its axes
   figure.
-* ``normlab bench``: time normlab against torch eager and torch.compile.
+* ``normlab bench``: time normlab against torch eager and torch.compile; ``normlab bench
+  --models``: on whole models (ResNets, a diffusion U-Net, BERT, GPT-2, a Llama).
 """
 from __future__ import annotations
 
@@ -173,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="time normlab against torch eager and torch.compile on realistic shapes",
         description="Time every norm x layout x dtype, forward and forward+backward, against"
         " torch eager and torch.compile, round-robin in one run; report ms, GB/s and the"
-        " fraction of the machine's copy bandwidth (markdown on stdout, CSV with --out).")
+        " fraction of the machine's copy bandwidth (markdown on stdout, CSV with --out)."
+        " With --models: whole models, torch eager against normlab.patch(model), BatchNorm"
+        " folding and torch.compile, with the share of time in norms.")
     bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "demo":

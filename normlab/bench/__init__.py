@@ -28,10 +28,27 @@ llm/cnn/all selects GPU-sized shapes (``PRESETS``); on CUDA the passes default t
 ``--backend``), ``torch`` (``torch.nn.functional`` eager), ``compile`` (``torch.compile`` of the
 same call, compile time reported apart) and ``liger`` (Liger-Kernel's LayerNorm/RMSNorm autograd
 functions, where ``liger_kernel`` imports); ``--peers`` picks among eager, compile, liger.
+
+Whole models (:mod:`.models`, :mod:`.models_harness`, :mod:`.models_report`)::
+
+    normlab bench --models --quick --no-compile    # the tiny configurations: a smoke run
+    normlab bench --models --model-set resnet50,bert --modes infer --out results/
+        # writes results/models.csv and results/models.md
+
+    from normlab import bench
+    results = bench.run_models(bench.ModelConfig(models=["unet"], quick=True))
+
+ResNet-18/50 (NCHW and channels_last), a diffusion U-Net block stack, and where transformers
+imports BERT-base, GPT-2 small and a 4-layer Llama, with random weights: inference at batch 1
+and at the realistic batch, a training step; peers torch eager, ``normlab.patch(model)``,
+``normlab.fold_batchnorm(normlab.patch(model))`` (CNN inference) and ``torch.compile``; the
+eager model's share of time in norms from ``torch.profiler``.
 """
 from .harness import (DEFAULT_SHAPES, DEVICES, DTYPES, LAYOUTS, NORMS, PASSES, PEER_FACTORIES,
                       PEERS, PRESETS, QUICK_SHAPES, Cell, Config, CpuTimer, CudaTimer, PeerFn,
                       Result, copy_bandwidth, liger_status, run, time_cell)
+from .models_harness import ModelConfig, ModelResult
+from .models_harness import run as run_models
 from .report import (from_csv, geomean, minimal_bytes, speedups, summary, targets, to_csv,
                      to_markdown)
 
@@ -40,4 +57,5 @@ __all__ = [
     "from_csv", "summary", "targets", "speedups", "geomean", "minimal_bytes", "NORMS",
     "LAYOUTS", "PASSES", "PEERS", "DTYPES", "DEVICES", "PRESETS", "DEFAULT_SHAPES",
     "QUICK_SHAPES", "CpuTimer", "CudaTimer", "PeerFn", "PEER_FACTORIES", "liger_status",
+    "ModelConfig", "ModelResult", "run_models",
 ]

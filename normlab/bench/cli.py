@@ -1,11 +1,12 @@
-"""``normlab bench``'s options, and the command itself."""
+"""``normlab bench``'s options, and the command itself (``--models``: whole models)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from . import harness, report
+from . import harness, models_harness, models_report, report
+from . import models as zoo
 
 
 def _list(kind: str, known):
@@ -44,13 +45,40 @@ def _seconds(text: str) -> float:
     return n
 
 
+def _model_names(text: str):
+    try:
+        return models_harness.model_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``normlab bench``."""
+    models = p.add_argument_group(
+        "whole models (--models)",
+        "time torch eager, normlab.patch(model), normlab.fold_batchnorm and torch.compile on"
+        " whole models (random weights, nothing downloaded): inference at batch 1 and at the"
+        " realistic batch (CNNs 16 images, transformers 8 x 128 tokens), a training step at the"
+        " realistic batch, CNNs in NCHW and channels_last; with the eager model's share of time"
+        " in norms. Takes --quick, --rounds, --no-compile, --backend, --time-budget, --out and"
+        " --no-progress")
+    models.add_argument("--models", action="store_true",
+                        help="benchmark whole models instead of norm kernels")
+    models.add_argument("--model-set", type=_model_names, default=None, metavar="NAMES",
+                        help="comma-separated, from " + ",".join(zoo.MODEL_NAMES) + ": resnet18,"
+                             " resnet50 (torchvision's, 224x224), unet (diffusion U-Net"
+                             " ResBlocks, GroupNorm(32, C), 4x32x32 latents), bert (BERT-base),"
+                             " gpt2 (GPT-2 small), llama (a 4-layer Llama at width 2048); the"
+                             " last three need transformers and are skipped without it"
+                             " (default: all)")
+    models.add_argument("--modes", type=_list("mode", models_harness.MODES), default=None,
+                        help="from infer,train (default: both)")
     p.add_argument("--device", choices=harness.DEVICES, default="cpu",
                    help="where the tensors live (default: cpu). cuda: CUDA events, an L2 flush"
                         " before each timed call, a device-to-device copy bandwidth")
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes and 3 rounds (tests, smoke runs)")
+                   help="tiny shapes and 3 rounds (tests, smoke runs); --models: the tiny"
+                        " model configurations, 2 rounds")
     p.add_argument("--norms", type=_list("norm", harness.NORMS), default=None,
                    help=f"comma-separated, from {','.join(harness.NORMS)} (default: every norm"
                         " the shapes can run)")
@@ -77,7 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         " eager,compile, and liger on cuda when liger_kernel imports; liger"
                         " only has layer_norm and rms_norm)")
     p.add_argument("--rounds", type=_positive, default=None,
-                   help="timed rounds per cell, median reported (default 10, 3 with --quick)")
+                   help="timed rounds per cell, median reported (default 10, 3 with --quick;"
+                        " --models: 5, 2 with --quick)")
     p.add_argument("--groups", type=_positive, default=32,
                    help="GroupNorm's G (gcd(G, C) where C is not divisible; default 32)")
     p.add_argument("--backend", default=None,
@@ -93,8 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start no cell that would end after SECONDS; the rest are reported as"
                         " not run (default: no limit)")
     p.add_argument("--out", metavar="DIR|FILE.csv", default=None,
-                   help="write DIR/bench.csv and DIR/bench.md, or FILE.csv and FILE.md; both"
-                        " are rewritten after every cell")
+                   help="write DIR/bench.csv and DIR/bench.md (--models: DIR/models.csv and"
+                        " DIR/models.md), or FILE.csv and FILE.md; both are rewritten after"
+                        " every cell")
     p.add_argument("--from-csv", metavar="FILE[,FILE]", default=None,
                    help="time nothing: read these CSVs (e.g. the parts of a split GPU run),"
                         " merge them, print the markdown and write --out")
@@ -112,26 +142,79 @@ def config_from_args(args: argparse.Namespace) -> harness.Config:
     )
 
 
-def out_paths(out: str) -> tuple[str, str]:
-    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/bench.csv and DIR/bench.md."""
+def out_paths(out: str, stem: str = "bench") -> tuple[str, str]:
+    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/STEM.csv and DIR/STEM.md."""
     if out.lower().endswith(".csv"):
         return out, out[:-4] + ".md"
-    return os.path.join(out, "bench.csv"), os.path.join(out, "bench.md")
+    return os.path.join(out, f"{stem}.csv"), os.path.join(out, f"{stem}.md")
 
 
-def _write(results, csv_path: str, md_path: str) -> str:
+def _write(results, csv_path: str, md_path: str, rep=report) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    md = report.to_markdown(results)
-    report.to_csv(results, csv_path)
+    md = rep.to_markdown(results)
+    rep.to_csv(results, csv_path)
     with open(md_path, "w") as f:
         f.write(md)
     return md
 
 
+# options of the kernel bench alone, and the value each has when not given
+_KERNEL_ONLY = {
+    "norms": None, "layouts": harness.LAYOUTS, "dtypes": ("float32",), "shapes": None,
+    "preset": None, "passes": None, "peers": None, "groups": 32, "copy_mib": None,
+    "flush_l2": True, "from_csv": None, "device": "cpu",
+}
+_MODELS_ONLY = {"model_set": None, "modes": None}
+
+
+def _flag(dest: str) -> str:
+    return {"flush_l2": "--no-flush-l2"}.get(dest, "--" + dest.replace("_", "-"))
+
+
+def model_config_from_args(args: argparse.Namespace) -> models_harness.ModelConfig:
+    """The ModelConfig of ``normlab bench --models``; a ValueError names a kernel-bench option
+    given with it."""
+    given = [_flag(k) for k, v in _KERNEL_ONLY.items() if getattr(args, k, v) != v]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} belong{'s' * (len(given) == 1)} to the kernel bench, not to"
+            " --models (whole models on CPU); --models takes --model-set, --modes, --quick,"
+            " --rounds, --no-compile, --backend, --time-budget, --out, --no-progress")
+    return models_harness.ModelConfig(
+        models=args.model_set, modes=args.modes or models_harness.MODES, quick=args.quick,
+        rounds=args.rounds, compile=args.compile, backend=args.backend,
+        time_budget_s=args.time_budget, progress=args.progress)
+
+
+def models_main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """``normlab bench --models``: run the cases, print the markdown, write ``--out``
+    (rewritten after every case)."""
+    try:
+        config = model_config_from_args(args)
+    except (ValueError, RuntimeError) as e:  # BackendUnavailableError is a RuntimeError
+        if parser is None:
+            raise
+        parser.error(str(e))
+    paths = out_paths(args.out, "models") if args.out else None
+    on_case = (lambda done: _write(done, *paths, rep=models_report)) if paths else None
+    results = models_harness.run(config, on_case=on_case)
+    print(models_report.to_markdown(results))
+    if paths:
+        _write(results, *paths, rep=models_report)
+        print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
+    return 0
+
+
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Run the benchmark of ``args`` (or merge ``--from-csv``); print the markdown, write
     ``--out``. A bad configuration (a shape no chosen norm can use, an unknown or unavailable
-    backend, ``--device cuda`` without CUDA) is a parser error."""
+    backend, ``--device cuda`` without CUDA) is a parser error. ``--models``: :func:`models_main`.
+    """
+    if getattr(args, "models", False):
+        return models_main(args, parser)
+    given = [_flag(k) for k, v in _MODELS_ONLY.items() if getattr(args, k, v) != v]
+    if given and parser is not None:
+        parser.error(f"{', '.join(given)} need{'s' * (len(given) == 1)} --models")
     paths = out_paths(args.out) if args.out else None
     if args.from_csv:
         try:
