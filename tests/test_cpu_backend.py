@@ -624,9 +624,9 @@ def test_gradient_penalty_matches_reference(name, layout):
 @pytest.fixture
 def count_kernels(monkeypatch):
     """``count_kernels()`` wraps every Numba kernel of ``normlab.kernels._numba_kernels`` (the
-    module attributes the cpu backend calls) and returns the list that each call appends
-    ``(kernel name, address of its first array)`` to."""
-    from numba.core.dispatcher import Dispatcher
+    module attributes the cpu backend calls, both their parallel and serial versions) and
+    returns the list that each call appends ``(kernel name, address of its first array)`` to."""
+    from types import SimpleNamespace
 
     from normlab.kernels import _numba_kernels as K
 
@@ -641,8 +641,9 @@ def count_kernels(monkeypatch):
             return counted
 
         for name, kernel in list(vars(K).items()):
-            if isinstance(kernel, Dispatcher) and not name.startswith("_"):
-                monkeypatch.setattr(K, name, wrap(name, kernel))
+            if isinstance(kernel, K.Kernel):
+                monkeypatch.setattr(K, name, SimpleNamespace(
+                    parallel=wrap(name, kernel.parallel), serial=wrap(name, kernel.serial)))
         return calls
 
     return start
@@ -852,7 +853,7 @@ def test_16bit_kernels_read_in_place_and_round_correctly(count_kernels, monkeypa
     from normlab.kernels import cpu as C
 
     if fused is not None:
-        monkeypatch.setattr(C, "_fuse_channels", lambda c, _f=fused: _f)
+        monkeypatch.setattr(C, "_fuse_channels", lambda c, threads, _f=fused: _f)
     case = Case(norm, shape, dtype, groups=2 if norm == "group" else 1, offset=0.5)
     t = case.tensors()
     half_run(case, layout, t)  # compile (or load) the kernels before counting
@@ -902,7 +903,7 @@ def test_16bit_fused_and_split_nchw_kernels_agree_bitwise(monkeypatch, layout):
     t = case.tensors()
     got = []
     for fused, threads in ((True, 2), (False, 2), (True, 1)):
-        monkeypatch.setattr(C, "_fuse_channels", lambda c, _f=fused: _f)
+        monkeypatch.setattr(C, "_fuse_channels", lambda c, threads, _f=fused: _f)
         with num_threads(threads):
             got.append(half_run(case, layout, t))
     for other in got[1:]:

@@ -51,6 +51,7 @@ Numba 0.68 pitfalls met here (each cost speed or correctness, found by tests and
 from __future__ import annotations
 
 import math
+from types import FunctionType
 
 import numpy as np
 from llvmlite import ir
@@ -62,6 +63,39 @@ from numba.extending import intrinsic
 
 _FM = False  # no fastmath, except the scoped ``reassoc`` of the slice sums (see above)
 _S = 1024  # elements of one slice sum (and of a float32 scratch slice of the 16-bit kernels)
+
+
+class Kernel:
+    """One kernel, compiled on first use in two versions from the same Python function:
+
+    ``parallel``  ``prange`` loops run on Numba's thread pool (``parallel=True``);
+    ``serial``    ``prange`` is ``range``: no parallel region, no thread pool at all.
+
+    The caller picks (:mod:`.cpu`): serial for small inputs (no thread wake-up, nothing to wait
+    for when a neighbour process holds the other core), with one torch thread, and in a process
+    forked after Numba's OpenMP pool started (GNU OpenMP is not fork-safe: Numba terminates such
+    a child at its first parallel region). The loop bodies are the same code and every reduction
+    runs over fixed blocks, so both versions give bitwise the same results (tested).
+
+    The serial version is compiled from a copy of the function under another qualified name:
+    Numba's on-disk cache files are named after the function and keyed by its signature and
+    bytecode, not by ``parallel``, so the two would otherwise overwrite each other's cache."""
+
+    def __init__(self, fn):
+        self.__name__, self.__doc__, self.__wrapped__ = fn.__name__, fn.__doc__, fn
+        self.parallel = njit(parallel=True, cache=True, fastmath=_FM)(fn)
+        twin = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                            fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        twin.__doc__ = fn.__doc__
+        self.serial = njit(cache=True, fastmath=_FM)(twin)
+
+    def __call__(self, *args):
+        """The parallel version (what a direct call of a ``parallel=True`` kernel runs)."""
+        return self.parallel(*args)
+
+    def __repr__(self) -> str:
+        return f"<normlab kernel {self.__name__} (parallel and serial)>"
 
 
 # Strict helpers: every operation outside the accumulating adds. They carry no fastmath flag, and
@@ -276,7 +310,7 @@ def _segments_backward(row, g, w, seg, stats, i, out, dwt, dbt, cs):  # pragma: 
             oc[j] = r * (gc[j] * wc - k2 - (((xc[j] - sh) - de) * r) * k1)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def rows_forward(x, w, b, eps, centered, y, stats):  # pragma: no cover
     """LayerNorm/RMSNorm rows x (M, D), parameters per element (w, b of length D).
     stats (4, M) receives shift, delta, rstd, var (the mean square when not centered)."""
@@ -288,7 +322,7 @@ def rows_forward(x, w, b, eps, centered, y, stats):  # pragma: no cover
             _row(x[i], w, b, eps, centered, y[i], stats, i)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def rows_add_forward(x, res, w, b, eps, centered, y, h, stats):  # pragma: no cover
     """:func:`rows_forward` of h = x + res, h written in the same pass."""
     m, d = x.shape
@@ -302,7 +336,7 @@ def rows_add_forward(x, res, w, b, eps, centered, y, h, stats):  # pragma: no co
             _row(hr, w, b, eps, centered, y[i], stats, i)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
     """GroupNorm/InstanceNorm on NCHW: rows x (M, D) of D / seg channels of seg elements each;
     row i, segment c has channel (i % K) * (D / seg) + c, K = len(w) / (D / seg)."""
@@ -330,7 +364,7 @@ def _join_blocks(dw_part, db_part, dw, db):  # pragma: no cover
         db[j] = u2
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def rows_backward(x, w, dy, dh, stats, centered, blocks, dx, dw, db):  # pragma: no cover
     """dx = rstd (g w - <g w> - xhat <g w xhat>) per row (no <g w> when not centered), plus
     ``dh`` (M, D) when given (the residual stream's own gradient; else shape (0, 0));
@@ -353,7 +387,7 @@ def rows_backward(x, w, dy, dh, stats, centered, blocks, dx, dw, db):  # pragma:
     _join_blocks(dw_part, db_part, dw, db)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def segments_backward(x, w, dy, stats, seg, blocks, dx, dw, db):  # pragma: no cover
     """The backward of :func:`segments_forward`; dw, db (len(w)) as :func:`rows_backward`."""
     m, d = x.shape
@@ -388,7 +422,7 @@ def _dx_seg(xr, gr, sh, de, r, a0, c1, c2, out):  # pragma: no cover
         out[j] = a0 * (gr[j] - c2 - (((xr[j] - sh) - de) * r) * c1)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_stats(x, stats, eps):  # pragma: no cover
     n, c, l = x.shape
     count = n * l
@@ -403,7 +437,7 @@ def nchw_stats(x, stats, eps):  # pragma: no cover
         _store_stats(stats, ch, s, s1, s2, count, eps, True)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_affine(x, sh, de, a, b, y):  # pragma: no cover
     """y = ((x - sh[c]) - de[c]) * a[c] + b[c] over x (N, C, L)."""
     n, c, l = x.shape
@@ -413,7 +447,7 @@ def nchw_affine(x, sh, de, a, b, y):  # pragma: no cover
         _affine_seg(x[i, ch], s0, d0, a0, b0, y[i, ch])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_grad_sums(x, dy, stats, sum_g_xhat, sum_g):  # pragma: no cover
     """Per channel: sum of dy * xhat and of dy over (N, L), in float64."""
     n, c, l = x.shape
@@ -429,7 +463,7 @@ def nchw_grad_sums(x, dy, stats, sum_g_xhat, sum_g):  # pragma: no cover
         sum_g[ch] = s2
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_dx(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
     """dx = a[c] (dy - k2[c] - xhat k1[c]) over x (N, C, L); a = weight * rstd."""
     n, c, l = x.shape
@@ -601,7 +635,7 @@ def _nhwc_grad_finish(s1, s2, w, cpg, count, input_stats, dw, db):  # pragma: no
 
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_moments(x, cpg, sh, s1, s2):  # pragma: no cover
     """s1, s2 (P, T, C) float64 (zeroed) receive sum(v), sum(v^2) of v = x - sh[p, c] over
     chunk t of R (T = s1.shape[1]); sh (P, C), x's dtype, receives the shifts first: each
@@ -626,7 +660,7 @@ def nhwc_moments(x, cpg, sh, s1, s2):  # pragma: no cover
                 o2[c] += acc[1, c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_affine(x, sh, s1, s2, w, b, mean, var, cpg, eps, chunks, st, y):  # pragma: no cover
     """Statistics into st from :func:`nhwc_moments`' sh, s1, s2 (or the given ``mean``/``var``,
     see :func:`_nhwc_finish`), then y = ((x - sh[p, c]) - de[p, c]) * a[p, c] + bb[p, c] over
@@ -640,7 +674,7 @@ def nhwc_affine(x, sh, s1, s2, w, b, mean, var, cpg, eps, chunks, st, y):  # pra
         _rows_affine(x[p, lo:hi], sh[p], de[p], a[p], bb[p], y[p, lo:hi])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_grad_moments(x, dy, st, cpg, s1, s2):  # pragma: no cover
     """s1, s2 (P, T, C) float64 (zeroed) receive sum(dy * xhat), sum(dy) over chunk t of R,
     with the statistics st (4, P*G) of groups of cpg channels."""
@@ -662,7 +696,7 @@ def nhwc_grad_moments(x, dy, st, cpg, s1, s2):  # pragma: no cover
                 o2[c] += acc[1, c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_dx(x, dy, st, w, s1, s2, cpg, input_stats, chunks, dx, dw, db):  # pragma: no cover
     """dw, db (C) from :func:`nhwc_grad_moments`' s1, s2, then (dx of size 0: skipped)
     dx = r (dy w - k2 - xhat k1) over x (P, R, C); k1 = <dy w xhat> and k2 = <dy w> over each
@@ -751,7 +785,7 @@ def _narrow(src, dst):  # pragma: no cover
         dst[j] = _f2h(src[j], dst.dtype)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def rows_forward_16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
     """:func:`rows_forward` (seg = 0) or :func:`segments_forward` on 16-bit x, y."""
     m, d = x.shape
@@ -771,7 +805,7 @@ def rows_forward_16(x, w, b, seg, eps, centered, y, stats):  # pragma: no cover
             _narrow(yf, y[i])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def rows_backward_16(x, w, dy, stats, seg, centered, blocks, dx, dw, db):  # pragma: no cover
     """:func:`rows_backward` (seg = 0) or :func:`segments_backward` on 16-bit x, dy, dx
     (float32 partials)."""
@@ -802,7 +836,7 @@ def rows_backward_16(x, w, dy, stats, seg, centered, blocks, dx, dw, db):  # pra
 # of 8 or 11 significant bits), joining float64 totals per slice.
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_stats_16(x, stats, eps):  # pragma: no cover
     """:func:`nchw_stats` on 16-bit x (N, C, L); stats float32."""
     n, c, l = x.shape
@@ -824,7 +858,7 @@ def nchw_stats_16(x, stats, eps):  # pragma: no cover
         _store_stats(stats, ch, s, s1, s2, count, eps, True)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_affine_16(x, sh, de, a, b, y):  # pragma: no cover
     """:func:`nchw_affine` on 16-bit x, y (N, C, L); sh, de, a, b float32."""
     n, c, l = x.shape
@@ -844,7 +878,7 @@ def nchw_affine_16(x, sh, de, a, b, y):  # pragma: no cover
                 _narrow(yf, yr[j0:j1])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_grad_sums_16(x, dy, stats, sum_g_xhat, sum_g):  # pragma: no cover
     """:func:`nchw_grad_sums` on 16-bit x, dy."""
     n, c, l = x.shape
@@ -866,7 +900,7 @@ def nchw_grad_sums_16(x, dy, stats, sum_g_xhat, sum_g):  # pragma: no cover
         sum_g[ch] = s2
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_dx_16(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
     """:func:`nchw_dx` on 16-bit x, dy, dx; a, k1, k2 float32."""
     n, c, l = x.shape
@@ -888,7 +922,7 @@ def nchw_dx_16(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
                 _narrow(of, out[j0:j1])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_forward_16(x, w, b, eps, stats, y):  # pragma: no cover
     """:func:`nchw_stats_16` then :func:`nchw_affine_16` (a = rstd w) in one parallel region,
     channel by channel: a channel's second pass re-reads its data from L2 when it fits (N L
@@ -921,7 +955,7 @@ def nchw_forward_16(x, w, b, eps, stats, y):  # pragma: no cover
                 _narrow(yf, yr[j0:j1])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nchw_backward_16(x, dy, stats, w, input_stats, dx, sum_g_xhat, sum_g):  # pragma: no cover
     """:func:`nchw_grad_sums_16` then (dx of size 0: skipped) :func:`nchw_dx_16` in one parallel
     region, channel by channel (as :func:`nchw_forward_16`); k1, k2 are zero for given
@@ -969,7 +1003,7 @@ def _sub(c):  # pragma: no cover
     return max(1, min(_ROWS, _S // max(c, 1)))
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_moments_16(x, cpg, sh, s1, s2):  # pragma: no cover
     """:func:`nhwc_moments` on 16-bit x (P, R, C); sh float32."""
     p_, r_, c_ = x.shape
@@ -999,7 +1033,7 @@ def nhwc_moments_16(x, cpg, sh, s1, s2):  # pragma: no cover
                 o2[c] += acc[1, c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_affine_16(x, sh, s1, s2, w, b, mean, var, cpg, eps, chunks, st,
                    y):  # pragma: no cover
     """:func:`nhwc_affine` on 16-bit x, y (P, R, C); sh, w, b, mean, var, st float32."""
@@ -1020,7 +1054,7 @@ def nhwc_affine_16(x, sh, s1, s2, w, b, mean, var, cpg, eps, chunks, st,
             _narrow(yf, yp[k0 * c_:(k0 + k) * c_])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_grad_moments_16(x, dy, st, cpg, s1, s2):  # pragma: no cover
     """:func:`nhwc_grad_moments` on 16-bit x, dy (P, R, C)."""
     p_, r_, c_ = x.shape
@@ -1049,7 +1083,7 @@ def nhwc_grad_moments_16(x, dy, st, cpg, s1, s2):  # pragma: no cover
                 o2[c] += acc[1, c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@Kernel
 def nhwc_dx_16(x, dy, st, w, s1, s2, cpg, input_stats, chunks, dx, dw,
                db):  # pragma: no cover
     """:func:`nhwc_dx` on 16-bit x, dy, dx (P, R, C); st, w, dw, db float32."""

@@ -44,6 +44,7 @@ from typing import Optional
 import numba
 import numpy as np
 import torch
+from numba.np.ufunc import parallel as _nparallel
 
 from .. import _engine as E
 from . import _numba_kernels as K
@@ -58,20 +59,58 @@ _BLOCK_ROWS = 16  # rows per partial sum at least (fewer, smaller partials for s
 _CHUNKS = 64  # nhwc work items (P * chunks of R) aimed at, fixed for the same reason
 
 
-def _threads() -> None:
-    """Numba's threads follow torch's thread count; its pool starts with passive waiting.
-    Numba's count is per calling thread, so it is set again only when torch's count or the
-    calling thread changed (``numba.set_num_threads`` costs about 20 us)."""
+# --- threads: which version of a kernel runs (see _numba_kernels.Kernel)
+#
+# The design: every kernel exists as a parallel and a serial version, and each call picks one.
+# Serial when the call is small (below _MIN_PARALLEL elements of work: a parallel region's
+# wake-up, and its wait for a thread the OS descheduled when a neighbour process holds the other
+# core, cost more than the work), when torch runs one thread (DataLoader workers, a
+# torch.set_num_threads(1) made for fork), and in any process forked after Numba's thread pool
+# started, for good. That last rule is what makes the kernels fork-safe: GNU OpenMP (Numba's
+# "omp" threading layer on Linux) does not survive fork, and Numba terminates a forked child at
+# its first parallel region ("fork() called from a process already using GNU OpenMP"), whatever
+# its thread count (torch's own ops hang in such a child unless it sets one thread). The other
+# designs were rejected: Numba's "workqueue" layer survives fork but aborts when two Python
+# threads launch kernels at once (its queues are unprotected globals), "tbb" needs the tbb
+# package, and resetting GNU OpenMP after fork is not supported by it. A child of a fork runs the
+# serial kernels (as torch runs its DataLoader workers on one thread); spawn and forkserver
+# children are fresh processes and use threads again.
+#
+# _MIN_PARALLEL, measured on the 2-core VM (forward and forward+backward of LayerNorm,
+# BatchNorm, GroupNorm NCHW and channels_last, 4K to 1M elements): parallel/serial time was
+# 0.86-1.24 below 32K elements, 0.76-1.01 at 32K-64K and 0.61-0.92 from 128K; beside a process
+# busy on the other core the parallel version took 1.1-3.5x the serial one up to 64K elements.
+
+_MIN_PARALLEL = 1 << 16  # elements of work below which the serial version runs
+_pool_started = False
+_forked = False  # this process was forked after Numba's (not fork-safe) pool had started
+_set: dict[int, int] = {}  # calling thread -> the torch thread count Numba's was last set from
+
+
+def _threads(work: int) -> int:
+    """The number of threads a call over ``work`` elements runs on: 1 (the serial kernels) or
+    torch's intra-op thread count, which Numba's pool is set to. Numba's count is per calling
+    thread, so it is set only when torch's count or the calling thread changed
+    (``numba.set_num_threads`` costs about 2 us)."""
+    if work < _MIN_PARALLEL or _forked:
+        return 1
+    n = torch.get_num_threads()
+    if n < 2:
+        return 1
     if not _pool_started:
         _start_pool()
-    me, n = threading.get_ident(), torch.get_num_threads()
+        if _forked:  # the pool could not be started safely (see _start_pool)
+            return 1
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    me = threading.get_ident()
     if _set.get(me) != n:
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(n)
         _set[me] = n
+    return n
 
 
-_pool_started = False
-_set: dict[int, int] = {}  # calling thread -> the torch thread count Numba's was last set from
+def _pick(kernel: K.Kernel, threads: int):
+    return kernel.parallel if threads > 1 else kernel.serial
 
 
 def _start_pool() -> None:
@@ -83,15 +122,13 @@ def _start_pool() -> None:
     while Numba's runtime loads (it reads it once), so torch and child processes don't see it.
     """
     global _pool_started
-    from numba.np.ufunc import parallel
-
     key = "OMP_WAIT_POLICY"
     chosen = key in os.environ
     if not chosen:
         os.environ[key] = "PASSIVE"
     torch_threads = torch.get_num_threads()
     try:
-        parallel._launch_threads()
+        _nparallel._launch_threads()
     finally:
         if not chosen:
             del os.environ[key]
@@ -100,6 +137,25 @@ def _start_pool() -> None:
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
     _pool_started = True
+
+
+def _numba_pool_started() -> bool:
+    """Whether Numba's thread pool is started in this process (by normlab or by other code) with
+    a threading layer that does not survive fork (any but TBB)."""
+    return bool(getattr(_nparallel, "_is_initialized", False)) and \
+        getattr(_nparallel, "_threading_layer", None) != "tbb"
+
+
+def _after_fork_in_child() -> None:
+    """``os.register_at_fork`` hook: a child forked after the pool started runs the serial
+    kernels, and so does every process forked from it."""
+    global _forked
+    if _forked or _numba_pool_started():
+        _forked = True
+    _set.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -223,7 +279,7 @@ def _as_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor
 def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
              mean: Optional[torch.Tensor], var: Optional[torch.Tensor], kind: str, groups: int,
              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _threads()
+    nt = _threads(x.numel())
     acc = _acc(x.dtype)
     y = _out_like(x, kind)
     stats = torch.empty((4, _nstats(x, kind, groups)), dtype=acc)
@@ -238,11 +294,11 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     npar = _nparams(x, kind, groups)
     w, b = _vec(weight, npar, 1.0, acc), _vec(bias, npar, 0.0, acc)
     if layout == "rows" and half:
-        K.rows_forward_16(xs, w, b, _seg(x, kind, groups, shape), eps, kind != "rms", ys, st)
+        _pick(K.rows_forward_16, nt)(xs, w, b, _seg(x, kind, groups, shape), eps, kind != "rms", ys, st)
     elif layout == "rows" and kind in ("layer", "rms"):
-        K.rows_forward(xs, w, b, eps, kind != "rms", ys, st)
+        _pick(K.rows_forward, nt)(xs, w, b, eps, kind != "rms", ys, st)
     elif layout == "rows":
-        K.segments_forward(xs, w, b, _seg(x, kind, groups, shape), eps, ys, st)
+        _pick(K.segments_forward, nt)(xs, w, b, _seg(x, kind, groups, shape), eps, ys, st)
     elif layout == "nhwc":  # batch statistics per (p, group), or given ones per channel
         p, r, c = shape
         cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
@@ -250,23 +306,23 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
         if var is None:
             m = v = _EMPTY[st.dtype]
             s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
-            (K.nhwc_moments_16 if half else K.nhwc_moments)(xs, cpg, sh, s1, s2)
+            _pick(K.nhwc_moments_16 if half else K.nhwc_moments, nt)(xs, cpg, sh, s1, s2)
         else:
             m, v = _vec(mean, npar, 0.0, acc), _vec(var, npar, 1.0, acc)
             s1 = s2 = _EMPTY3
-        (K.nhwc_affine_16 if half else K.nhwc_affine)(xs, sh, s1, s2, w, b, m, v, cpg, eps, t,
+        _pick(K.nhwc_affine_16 if half else K.nhwc_affine, nt)(xs, sh, s1, s2, w, b, m, v, cpg, eps, t,
                                                       st, ys)
     elif var is not None:  # given statistics, per channel (nchw)
         st[0] = _vec(mean, npar, 0.0, acc)
         st[1] = 0
         st[3] = _vec(var, npar, 1.0, acc)
         st[2] = 1.0 / np.sqrt(st[3] + eps)
-        _affine(xs, st, w, b, ys)
-    elif layout == "nchw" and half and _fuse_channels(shape[1]):
-        K.nchw_forward_16(xs, w, b, eps, st, ys)
+        _affine(xs, st, w, b, ys, nt)
+    elif layout == "nchw" and half and _fuse_channels(shape[1], nt):
+        _pick(K.nchw_forward_16, nt)(xs, w, b, eps, st, ys)
     else:
-        (K.nchw_stats_16 if half else K.nchw_stats)(xs, st, eps)
-        _affine(xs, st, w, b, ys)
+        _pick(K.nchw_stats_16 if half else K.nchw_stats, nt)(xs, st, eps)
+        _affine(xs, st, w, b, ys, nt)
     if yk is not y:
         y.copy_(yk)
     return y, stats
@@ -277,19 +333,19 @@ def _(x, weight, bias, mean, var, kind, groups, eps):
     return _out_like(x, kind), x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype))
 
 
-def _fuse_channels(c: int) -> bool:
+def _fuse_channels(c: int, threads: int) -> bool:
     """Whether the one-region nchw kernels (a channel's two passes by one thread) take C
     channels: when they balance over the threads (fewer channels: stats, then the pass)."""
-    return c >= 4 * numba.get_num_threads()
+    return c >= 4 * threads
 
 
 def _chunks(p: int, r: int) -> int:
     return max(1, min(r, _CHUNKS // max(p, 1)))
 
 
-def _affine(xs, st, w, b, ys) -> None:
+def _affine(xs, st, w, b, ys, nt) -> None:
     """ys = ((xs - shift) - delta) * rstd * w + b with st's per-channel statistics (nchw)."""
-    (K.nchw_affine_16 if _bits(xs) else K.nchw_affine)(xs, st[0], st[1], st[2] * w, b, ys)
+    _pick(K.nchw_affine_16 if _bits(xs) else K.nchw_affine, nt)(xs, st[0], st[1], st[2] * w, b, ys)
 
 
 def _seg(x: torch.Tensor, kind: str, groups: int, shape: tuple[int, ...]) -> int:
@@ -306,7 +362,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
                       weight: Optional[torch.Tensor], stats: torch.Tensor, kind: str, groups: int,
                       input_stats: bool, need_dx: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _threads()
+    nt = _threads(x.numel())
     acc = _acc(x.dtype)
     npar = _nparams(x, kind, groups)
     xk = _dense(x, kind)
@@ -328,32 +384,32 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
         if half:
-            K.rows_backward_16(xs, w, gs, st, _seg(x, kind, groups, shape), kind != "rms",
+            _pick(K.rows_backward_16, nt)(xs, w, gs, st, _seg(x, kind, groups, shape), kind != "rms",
                                blocks, out, dw, db)
         elif kind in ("layer", "rms"):
             dhs = _NONE[xs.dtype] if dh is None else dh.to(acc).contiguous().view(shape).numpy()
-            K.rows_backward(xs, w, gs, dhs, st, kind != "rms", blocks, out, dw, db)
+            _pick(K.rows_backward, nt)(xs, w, gs, dhs, st, kind != "rms", blocks, out, dw, db)
         else:
-            K.segments_backward(xs, w, gs, st, _seg(x, kind, groups, shape), blocks, out, dw, db)
+            _pick(K.segments_backward, nt)(xs, w, gs, st, _seg(x, kind, groups, shape), blocks, out, dw, db)
     elif layout == "nhwc":
         p, r, c = shape
         cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
         s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
-        (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments)(xs, gs, st, cpg, s1, s2)
-        (K.nhwc_dx_16 if half else K.nhwc_dx)(xs, gs, st, w, s1, s2, cpg, input_stats, t, dxs,
+        _pick(K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments, nt)(xs, gs, st, cpg, s1, s2)
+        _pick(K.nhwc_dx_16 if half else K.nhwc_dx, nt)(xs, gs, st, w, s1, s2, cpg, input_stats, t, dxs,
                                               dw, db)
-    elif half and _fuse_channels(shape[1]):
+    elif half and _fuse_channels(shape[1], nt):
         dw, db = np.empty(npar), np.empty(npar)
-        K.nchw_backward_16(xs, gs, st, w, input_stats, dxs, dw, db)
+        _pick(K.nchw_backward_16, nt)(xs, gs, st, w, input_stats, dxs, dw, db)
     else:
         dw, db = np.empty(npar), np.empty(npar)
-        (K.nchw_grad_sums_16 if half else K.nchw_grad_sums)(xs, gs, st, dw, db)
+        _pick(K.nchw_grad_sums_16 if half else K.nchw_grad_sums, nt)(xs, gs, st, dw, db)
         if need_dx:
             count = shape[0] * shape[2]
             k1 = (dw / count if input_stats else np.zeros(npar)).astype(fdt)
             k2 = (db / count if input_stats else np.zeros(npar)).astype(fdt)
-            (K.nchw_dx_16 if half else K.nchw_dx)(xs, gs, st, st[2] * w, k1, k2, dxs)
+            _pick(K.nchw_dx_16 if half else K.nchw_dx, nt)(xs, gs, st, st[2] * w, k1, k2, dxs)
     if need_dx and dxk is not dx:
         dx.copy_(dxk)
     if dw.dtype != fdt:
@@ -378,14 +434,14 @@ def cpu_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, stats) with h = x + residual and y = norm(h), in one pass; float32/float64 x and
     residual of one dtype."""
-    _threads()
+    nt = _threads(x.numel())
     shape = _views(x, "rows", kind, groups)
     xs = x.contiguous().view(shape).numpy()
     rs = residual.contiguous().view(shape).numpy()
     y, h = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
     stats = torch.empty((4, shape[0]), dtype=x.dtype)
     npar = shape[1]
-    K.rows_add_forward(xs, rs, _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype),
+    _pick(K.rows_add_forward, nt)(xs, rs, _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype),
                        eps, kind != "rms", y.view(shape).numpy(), h.view(shape).numpy(),
                        stats.numpy())
     return y, h, stats
