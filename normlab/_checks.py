@@ -17,6 +17,51 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+# --- fast paths: one test per argument for the calls models make (a valid call costs under a
+# microsecond); anything they do not recognize goes through the full checks below, which raise
+# the message naming the mistake or accept the call.
+
+_FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def _vector_of(t, n: int) -> bool:
+    """t is None, or a floating tensor of n elements."""
+    return t is None or (isinstance(t, torch.Tensor) and t.dtype in _FLOATING and t.numel() == n)
+
+
+def row_norm(fn: str, x, given_shape, weight, bias=None) -> tuple[int, ...]:
+    """The checks of layer_norm/rms_norm (and their add variants): ``x`` a floating tensor whose
+    trailing dims are the normalized shape ``given_shape``, ``weight``/``bias`` of that shape.
+    Returns the normalized shape as a tuple."""
+    shape = given_shape
+    if type(shape) is int:
+        shape = (shape,)
+    if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int \
+            and isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.dim() >= 1 \
+            and x.shape[-1] == shape[0] \
+            and (weight is None or (_vector_of(weight, shape[0]) and weight.dim() == 1)) \
+            and (bias is None or (_vector_of(bias, shape[0]) and bias.dim() == 1)):
+        return shape
+    floating_input(fn, x, 1, "(*, *normalized_shape)")
+    shape = normalized_shape(fn, x, given_shape)
+    same_shape(fn, shape, weight=weight, bias=bias)
+    return shape
+
+
+def channel_norm(fn: str, x, weight=None, bias=None, running_mean=None,
+                 running_var=None) -> None:
+    """The checks of batch_norm/instance_norm/group_norm: ``x`` a floating ``(N, C, *)`` tensor,
+    each given tensor one floating value per channel."""
+    if isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.dim() >= 2:
+        c = x.shape[1]
+        if _vector_of(weight, c) and _vector_of(bias, c) and _vector_of(running_mean, c) \
+                and _vector_of(running_var, c):
+            return
+    floating_input(fn, x, 2, "(N, C, *)")
+    per_channel(fn, x, weight=weight, bias=bias, running_mean=running_mean,
+                running_var=running_var)
+
+
 def floating_tensor(fn: str, x, name: str = "input") -> None:
     """``x`` (called ``name`` in messages) is a real floating-point tensor."""
     if not isinstance(x, torch.Tensor):

@@ -96,15 +96,40 @@ def _auto_for(device_type: str | None) -> str:
 
 
 def get_backend(x: torch.Tensor | None = None):
-    """The backend object for a call on input ``x``: the forced one, else ``auto_backend(x)``.
+    """The backend object for a call on input ``x``: the forced one, else ``"auto"``'s choice.
+
+    ``"auto"`` on a CPU tensor (with Numba installed) is :class:`normlab.kernels.auto.Auto`:
+    per call the ``cpu`` kernels or ATen's, as the committed benchmark table says; on a CUDA
+    tensor the ``triton`` backend (with Triton installed); else the ``reference`` engine.
 
     Under ``torch.compile``, dynamo cannot read the ContextVar; it reads ``_forced_name``, a
     module-level mirror of the innermost forced backend, and guards on it, so a compiled function
-    recompiles when the choice changes. (The mirror is process-wide: threads compiling under
-    different forced backends at the same time may see each other's choice.)"""
+    recompiles when the choice changes (and compiled code calls the ``cpu`` backend's registered
+    operators, not the table). (The mirror is process-wide: threads compiling under different
+    forced backends at the same time may see each other's choice.)"""
     if torch.compiler.is_compiling():
         return _loaded[_forced_name or _auto_name(None if x is None else x.device.type)]
-    return _load(_forced.get() or auto_backend(x))
+    name = _forced.get()
+    if name is not None:
+        return _loaded.get(name) or _load(name)
+    if x is not None and x.is_cpu:
+        return _cpu_auto or _make_cpu_auto()
+    return _load(auto_backend(x))
+
+
+_cpu_auto = None  # the Auto object for CPU tensors, made on first use
+
+
+def _make_cpu_auto():
+    """``auto`` for CPU tensors: the kernels/ATen table over the ``cpu`` backend, or the
+    reference engine when Numba is missing."""
+    global _cpu_auto
+    if _auto_for("cpu") != "cpu":
+        return _load("reference")
+    from .kernels import auto
+
+    _cpu_auto = auto.Auto(_load("cpu"), auto.load_table())
+    return _cpu_auto
 
 
 @torch.compiler.assume_constant_result

@@ -74,10 +74,7 @@ def batch_norm(
             [ 1.2247,  1.2247,  1.2247]])
     """
     fn = "batch_norm"
-    _checks.floating_input(fn, input, 2, "(N, C, *)")
-    _checks.per_channel(
-        fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
+    _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
     eps = float(eps)
     if training:
         _checks.more_than_one_value(
@@ -126,10 +123,7 @@ def instance_norm(
         eps: added to the variance. Default: 1e-5.
     """
     fn = "instance_norm"
-    _checks.floating_input(fn, input, 2, "(N, C, *)")
-    _checks.per_channel(
-        fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
+    _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
     if use_input_stats:
         _checks.more_than_one_value(fn, input, _checks.spatial_count(input), "spatial element")
     else:
@@ -167,9 +161,8 @@ def group_norm(
         eps: added to the variance. Default: 1e-5.
     """
     fn = "group_norm"
-    _checks.floating_input(fn, input, 2, "(N, C, *)")
+    _checks.channel_norm(fn, input, weight, bias)
     _checks.groups(fn, num_groups, input.shape[1])
-    _checks.per_channel(fn, input, weight=weight, bias=bias)
     return get_backend(input).group_norm(input, num_groups, weight, bias, float(eps))
 
 
@@ -201,10 +194,7 @@ def layer_norm(
             [-1.2247,  0.0000,  1.2247],
             [-1.2247,  0.0000,  1.2247]])
     """
-    fn = "layer_norm"
-    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
-    shape = _checks.normalized_shape(fn, input, normalized_shape)
-    _checks.same_shape(fn, shape, weight=weight, bias=bias)
+    shape = _checks.row_norm("layer_norm", input, normalized_shape, weight, bias)
     return get_backend(input).layer_norm(input, shape, weight, bias, float(eps))
 
 
@@ -234,12 +224,19 @@ def rms_norm(
     >>> rms_norm(torch.tensor([[1., 2., 3.]]), (3,), eps=1e-8)
     tensor([[0.4629, 0.9258, 1.3887]])
     """
-    fn = "rms_norm"
-    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
-    shape = _checks.normalized_shape(fn, input, normalized_shape)
-    _checks.same_shape(fn, shape, weight=weight)
-    eps = torch.finfo(compute_dtype(input.dtype)).eps if eps is None else float(eps)
+    shape = _checks.row_norm("rms_norm", input, normalized_shape, weight)
+    eps = _default_eps(input.dtype) if eps is None else float(eps)
     return get_backend(input).rms_norm(input, shape, weight, eps)
+
+
+_EPS = {dt: torch.finfo(compute_dtype(dt)).eps
+        for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+
+
+def _default_eps(dtype: torch.dtype) -> float:
+    """RMSNorm's default eps: the machine epsilon of the compute dtype."""
+    eps = _EPS.get(dtype)
+    return torch.finfo(compute_dtype(dtype)).eps if eps is None else eps
 
 
 # --- residual add fused with the norm (pre-norm transformer blocks)
@@ -280,12 +277,10 @@ def add_rms_norm(
     (tensor([[0.4629, 0.9258, 1.3887]]), tensor([[1., 2., 3.]]))
     """
     fn = "add_rms_norm"
-    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
+    shape = _checks.row_norm(fn, input, normalized_shape, weight)
     _checks.residual(fn, input, residual)
-    shape = _checks.normalized_shape(fn, input, normalized_shape)
-    _checks.same_shape(fn, shape, weight=weight)
     if eps is None:
-        eps = torch.finfo(compute_dtype(torch.result_type(input, residual))).eps
+        eps = _default_eps(torch.result_type(input, residual))
     eps = float(eps)
     backend = get_backend(input)
     fused = getattr(backend, "add_rms_norm", None)
@@ -328,10 +323,8 @@ def add_layer_norm(
     (tensor([[-1.2247,  0.0000,  1.2247]]), tensor([[1., 2., 3.]]))
     """
     fn = "add_layer_norm"
-    _checks.floating_input(fn, input, 1, "(*, *normalized_shape)")
+    shape = _checks.row_norm(fn, input, normalized_shape, weight, bias)
     _checks.residual(fn, input, residual)
-    shape = _checks.normalized_shape(fn, input, normalized_shape)
-    _checks.same_shape(fn, shape, weight=weight, bias=bias)
     eps = float(eps)
     backend = get_backend(input)
     fused = getattr(backend, "add_layer_norm", None)

@@ -626,8 +626,6 @@ def count_kernels(monkeypatch):
     """``count_kernels()`` wraps every Numba kernel of ``normlab.kernels._numba_kernels`` (the
     module attributes the cpu backend calls, both their parallel and serial versions) and
     returns the list that each call appends ``(kernel name, address of its first array)`` to."""
-    from types import SimpleNamespace
-
     from normlab.kernels import _numba_kernels as K
 
     def start():
@@ -640,10 +638,17 @@ def count_kernels(monkeypatch):
                 return kernel(*args, **kwargs)
             return counted
 
+        class Counted:
+            def __init__(self, name, kernel):
+                self.parallel = wrap(name, kernel.parallel)
+                self.serial = wrap(name, kernel.serial)
+
+            def pick(self, threads):
+                return self.parallel if threads > 1 else self.serial
+
         for name, kernel in list(vars(K).items()):
             if isinstance(kernel, K.Kernel):
-                monkeypatch.setattr(K, name, SimpleNamespace(
-                    parallel=wrap(name, kernel.parallel), serial=wrap(name, kernel.serial)))
+                monkeypatch.setattr(K, name, Counted(name, kernel))
         return calls
 
     return start

@@ -90,6 +90,10 @@ class Kernel:
         twin.__doc__ = fn.__doc__
         self.serial = njit(cache=True, fastmath=_FM)(twin)
 
+    def pick(self, threads: int):
+        """The version to run on ``threads`` threads: serial for 1."""
+        return self.parallel if threads > 1 else self.serial
+
     def __call__(self, *args):
         """The parallel version (what a direct call of a ``parallel=True`` kernel runs)."""
         return self.parallel(*args)
@@ -445,6 +449,27 @@ def nchw_affine(x, sh, de, a, b, y):  # pragma: no cover
         i, ch = k // c, k % c
         s0, d0, a0, b0 = sh[ch], de[ch], a[ch], b[ch]
         _affine_seg(x[i, ch], s0, d0, a0, b0, y[i, ch])
+
+
+@Kernel
+def nchw_given(x, w, b, mean, var, eps, stats, y):  # pragma: no cover
+    """BatchNorm/InstanceNorm with given per-channel statistics over x (N, C, L): stats (4, C)
+    receives (mean, 0, rstd, var), rstd = 1 / sqrt(var + eps) in x's dtype, then
+    y = ((x - mean) - 0) * (rstd w) + b, as :func:`nchw_affine`."""
+    n, c, l = x.shape
+    one = x.dtype.type(1)
+    e = x.dtype.type(eps)
+    a = np.empty(c, x.dtype)
+    for ch in range(c):
+        r = one / np.sqrt(var[ch] + e)
+        stats[0, ch] = mean[ch]
+        stats[1, ch] = 0
+        stats[2, ch] = r
+        stats[3, ch] = var[ch]
+        a[ch] = r * w[ch]
+    for k in prange(n * c):
+        i, ch = k // c, k % c
+        _affine_seg(x[i, ch], stats[0, ch], stats[1, ch], a[ch], b[ch], y[i, ch])
 
 
 @Kernel

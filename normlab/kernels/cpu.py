@@ -109,10 +109,6 @@ def _threads(work: int) -> int:
     return n
 
 
-def _pick(kernel: K.Kernel, threads: int):
-    return kernel.parallel if threads > 1 else kernel.serial
-
-
 def _start_pool() -> None:
     """Start Numba's thread pool with ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
 
@@ -166,171 +162,121 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
-def _layout(x: torch.Tensor, kind: str) -> str:
-    """'rows', 'nchw' or 'nhwc': how the kernels view x. The same for x and for ``_dense(x)``
-    (a non-dense x is copied to contiguous, which is never channels-last)."""
-    if kind in ("layer", "rms"):
-        return "rows"
-    spatial = x.numel() // (x.shape[0] * x.shape[1])
-    if _channels_last(x) or (kind == "batch" and spatial == 1):
-        return "nhwc"
-    return "rows" if kind == "group" else "nchw"
+_ROWS = ("layer", "rms")
 
 
 def _dense(x: torch.Tensor, kind: str) -> torch.Tensor:
     """x itself when the kernels can read its strides, else a contiguous copy."""
-    return x if x.is_contiguous() or (kind not in ("layer", "rms") and _channels_last(x)) \
-        else x.contiguous()
+    if x.is_contiguous() or (kind not in _ROWS and _channels_last(x)):
+        return x
+    return x.contiguous()
 
 
-def _out_like(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """The output: x's memory layout, as the reference engine's ``empty_like(x)``."""
-    return torch.empty_like(x)
+def _plan(x: torch.Tensor, kind: str, groups: int) -> tuple[str, tuple[int, ...], int, int]:
+    """``(layout, kernel shape, statistics sets, parameter elements)`` of a call on x, which
+    ``_dense`` gave (contiguous, or channels-last for the channel norms). Layouts: ``rows``
+    (M, D) (LayerNorm/RMSNorm; GroupNorm/InstanceNorm on NCHW, a row per (sample, group)),
+    ``nchw`` (N, C, L) (BatchNorm) or ``nhwc`` (P, R, C) (channels innermost: any channel norm
+    on channels-last x, BatchNorm on (N, C) x)."""
+    if kind in _ROWS:
+        d = x.shape[-1] if groups == 1 else math.prod(x.shape[x.dim() - groups:])
+        m = x.numel() // d if d else 0
+        return "rows", (m, d), m, d
+    n, c = x.shape[0], x.shape[1]
+    hw = x.numel() // (n * c) if n * c else 0
+    sets = n * groups if kind == "group" else c
+    if not x.is_contiguous() or (kind == "batch" and hw == 1):
+        return "nhwc", ((1, n * hw, c) if kind == "batch" else (n, hw, c)), sets, c
+    if kind == "group":
+        return "rows", (n * groups, (c // groups) * hw), sets, c
+    return "nchw", (n, c, hw), sets, c
 
 
-def _target(out: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
-    """Where the kernels write: ``out`` itself when it has the kernels' dtype and ``xk``'s
-    layout, else a scratch tensor copied into ``out`` afterwards."""
-    if out.dtype == xk.dtype and out.stride() == xk.stride():
-        return out
-    return torch.empty_like(xk)
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
+        torch.bfloat16: torch.float32, torch.float16: torch.float32}  # = E.compute_dtype
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+_HALF = (torch.bfloat16, torch.float16)  # computed in the kernels on their bit patterns
+_LAST = {d: (0, *range(2, d), 1) for d in range(3, 9)}  # axes of movedim(1, -1)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    return E.compute_dtype(dtype)
+    return _ACC.get(dtype) or E.compute_dtype(dtype)
 
 
 def _nstats(x: torch.Tensor, kind: str, groups: int) -> int:
-    if kind in ("layer", "rms"):
+    if kind in _ROWS:
         d = math.prod(x.shape[x.dim() - groups:])
         return x.numel() // d if d else 0
     return x.shape[0] * groups if kind == "group" else x.shape[1]
 
 
 def _nparams(x: torch.Tensor, kind: str, groups: int) -> int:
-    return math.prod(x.shape[x.dim() - groups:]) if kind in ("layer", "rms") else x.shape[1]
+    return math.prod(x.shape[x.dim() - groups:]) if kind in _ROWS else x.shape[1]
+
+
+_CONST: dict[tuple, np.ndarray] = {}  # (n, fill, dtype) -> the "no parameter" array
+_VIEWS: dict[tuple, np.ndarray] = {}  # (address, n, dtype) -> a NumPy view of that memory
+_MAX_VIEWS = 1024
 
 
 def _vec(p: torch.Tensor | None, n: int, fill: float, acc: torch.dtype) -> np.ndarray:
-    """A parameter or statistic as a flat ``acc``-dtype NumPy array (a view when it is one)."""
+    """A parameter or statistic as a flat ``acc``-dtype NumPy array for the kernels to read.
+
+    A contiguous tensor of dtype ``acc`` is viewed, not copied, and the view is kept, keyed by
+    (address, length, dtype): a view is nothing but that memory read as that many elements, so
+    it is the right view of any tensor that has them, later tensors at a reused address
+    included (parameters and buffers keep their address across calls; making a view costs
+    about 1.5 us). ``None`` is a kept array of ``fill`` (the kernels never write these)."""
     if p is None:
-        return np.full(n, fill, dtype=np.float64 if acc == torch.float64 else np.float32)
-    if p.dtype == acc and p.is_contiguous():
-        return p.detach().numpy().reshape(n)
+        key = (n, fill, acc)
+        v = _CONST.get(key)
+        if v is None:
+            v = _CONST[key] = np.full(n, fill, dtype=_NP[acc])
+        return v
+    if p.dtype is acc and p.is_contiguous():
+        key = (p.data_ptr(), n, acc)
+        v = _VIEWS.get(key)
+        if v is None:
+            if len(_VIEWS) >= _MAX_VIEWS:
+                _VIEWS.clear()
+            v = _VIEWS[key] = p.detach().numpy().reshape(n)
+        return v
     return p.detach().reshape(n).to(acc).contiguous().numpy()
-
-
-def _views(x: torch.Tensor, layout: str, kind: str, groups: int) -> tuple[int, ...]:
-    """The kernel shape of x: rows (M, D), nchw (N, C, L) or nhwc (P, R, C)."""
-    if kind in ("layer", "rms"):
-        d = math.prod(x.shape[x.dim() - groups:])
-        return (x.numel() // d, d)
-    n, c = x.shape[:2]
-    hw = x.numel() // (n * c)
-    if layout == "rows":  # group
-        return (n * groups, (c // groups) * hw)
-    if layout == "nchw":
-        return (n, c, hw)
-    return (1, n * hw, c) if kind == "batch" else (n, hw, c)
-
-
-_HALF = (torch.bfloat16, torch.float16)  # computed in the kernels on their bit patterns
-_LAST = {d: (0, *range(2, d), 1) for d in range(3, 9)}  # axes of movedim(1, -1)
 
 
 def _kernel_array(t: torch.Tensor, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     """A NumPy view of t (dense in the layout's order) shaped for the kernels; 16-bit floats as
     their bit patterns, bfloat16 as uint16 and float16 as int16 (what the 16-bit kernels take)."""
-    if layout == "nhwc" and t.dim() >= 3:
-        if t.dtype not in _HALF:  # NumPy's transpose costs a fraction of torch's movedim
-            return t.numpy().transpose(_LAST[t.dim()]).reshape(shape)
-        t = t.movedim(1, -1)
     if t.dtype in _HALF:
+        if layout == "nhwc" and t.dim() >= 3:
+            t = t.movedim(1, -1)
         bits = t.view(torch.int16).reshape(shape).numpy()
-        return bits.view(np.uint16) if t.dtype == torch.bfloat16 else bits
+        return bits.view(np.uint16) if t.dtype is torch.bfloat16 else bits
+    if layout == "nhwc" and t.dim() >= 3:  # NumPy's transpose costs a fraction of torch's movedim
+        return t.numpy().transpose(_LAST[t.dim()]).reshape(shape)
     if t.is_contiguous():  # NumPy's reshape of the view costs a tenth of torch's
         return t.numpy().reshape(shape)
     return t.reshape(shape).numpy()
 
 
-def _bits(xs: np.ndarray) -> bool:
-    """Whether xs holds 16-bit float bit patterns (its kernels are the ``*_16`` ones)."""
-    return xs.dtype.itemsize == 2
-
-
-def _fdt(xs: np.ndarray) -> np.dtype:
-    """The kernels' floating dtype for xs: float32 for 16-bit floats, else xs's own."""
-    return np.dtype(np.float32) if _bits(xs) else xs.dtype
-
-
-def _as_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
-    """t (e.g. dy) in the compute dtype and the same memory order as ``like``."""
+def _same_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+    """t (e.g. dy) in ``like``'s dtype and memory order (``like`` is dense)."""
+    if t.dtype is not like.dtype:
+        t = t.to(like.dtype)
+    if t.stride() == like.stride():
+        return t
     if layout == "nhwc" and t.dim() >= 3:
-        if not t.movedim(1, -1).is_contiguous():
-            t = t.movedim(1, -1).contiguous().movedim(-1, 1)
-        return t.to(like.dtype)
-    return t.to(like.dtype).contiguous()
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
 
 
-# --- the forward operator
-
-
-@torch.library.custom_op("normlab::cpu_norm", mutates_args=(), device_types="cpu")
-def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             mean: Optional[torch.Tensor], var: Optional[torch.Tensor], kind: str, groups: int,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    nt = _threads(x.numel())
-    acc = _acc(x.dtype)
-    y = _out_like(x, kind)
-    stats = torch.empty((4, _nstats(x, kind, groups)), dtype=acc)
-    xk = _dense(x, kind)
-    if x.dtype not in _HALF:
-        xk = xk.to(acc)
-    yk = _target(y, xk)
-    layout = _layout(xk, kind)
-    shape = _views(xk, layout, kind, groups)
-    xs, ys, st = _kernel_array(xk, layout, shape), _kernel_array(yk, layout, shape), stats.numpy()
-    half = _bits(xs)
-    npar = _nparams(x, kind, groups)
-    w, b = _vec(weight, npar, 1.0, acc), _vec(bias, npar, 0.0, acc)
-    if layout == "rows" and half:
-        _pick(K.rows_forward_16, nt)(xs, w, b, _seg(x, kind, groups, shape), eps, kind != "rms", ys, st)
-    elif layout == "rows" and kind in ("layer", "rms"):
-        _pick(K.rows_forward, nt)(xs, w, b, eps, kind != "rms", ys, st)
-    elif layout == "rows":
-        _pick(K.segments_forward, nt)(xs, w, b, _seg(x, kind, groups, shape), eps, ys, st)
-    elif layout == "nhwc":  # batch statistics per (p, group), or given ones per channel
-        p, r, c = shape
-        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
-        sh = np.empty((p, c), st.dtype)
-        if var is None:
-            m = v = _EMPTY[st.dtype]
-            s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
-            _pick(K.nhwc_moments_16 if half else K.nhwc_moments, nt)(xs, cpg, sh, s1, s2)
-        else:
-            m, v = _vec(mean, npar, 0.0, acc), _vec(var, npar, 1.0, acc)
-            s1 = s2 = _EMPTY3
-        _pick(K.nhwc_affine_16 if half else K.nhwc_affine, nt)(xs, sh, s1, s2, w, b, m, v, cpg, eps, t,
-                                                      st, ys)
-    elif var is not None:  # given statistics, per channel (nchw)
-        st[0] = _vec(mean, npar, 0.0, acc)
-        st[1] = 0
-        st[3] = _vec(var, npar, 1.0, acc)
-        st[2] = 1.0 / np.sqrt(st[3] + eps)
-        _affine(xs, st, w, b, ys, nt)
-    elif layout == "nchw" and half and _fuse_channels(shape[1], nt):
-        _pick(K.nchw_forward_16, nt)(xs, w, b, eps, st, ys)
-    else:
-        _pick(K.nchw_stats_16 if half else K.nchw_stats, nt)(xs, st, eps)
-        _affine(xs, st, w, b, ys, nt)
-    if yk is not y:
-        y.copy_(yk)
-    return y, stats
-
-
-@cpu_norm.register_fake
-def _(x, weight, bias, mean, var, kind, groups, eps):
-    return _out_like(x, kind), x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype))
+def _outputs(x: torch.Tensor, xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output, where the kernels write it): x's memory layout as the reference engine's
+    ``empty_like(x)``; the kernels write xk's layout (a scratch copied over when they differ)."""
+    out = torch.empty_like(x)
+    if xk is x or out.stride() == xk.stride():
+        return out, out
+    return out, torch.empty_like(xk)
 
 
 def _fuse_channels(c: int, threads: int) -> bool:
@@ -343,15 +289,76 @@ def _chunks(p: int, r: int) -> int:
     return max(1, min(r, _CHUNKS // max(p, 1)))
 
 
-def _affine(xs, st, w, b, ys, nt) -> None:
-    """ys = ((xs - shift) - delta) * rstd * w + b with st's per-channel statistics (nchw)."""
-    _pick(K.nchw_affine_16 if _bits(xs) else K.nchw_affine, nt)(xs, st[0], st[1], st[2] * w, b, ys)
-
-
-def _seg(x: torch.Tensor, kind: str, groups: int, shape: tuple[int, ...]) -> int:
+def _seg(kind: str, groups: int, channels: int, shape: tuple[int, ...]) -> int:
     """Segment length of the rows kernels: 0 for per-element parameters (LayerNorm/RMSNorm),
     else the spatial size (GroupNorm/InstanceNorm rows hold C/G channel segments)."""
-    return 0 if kind in ("layer", "rms") else shape[1] // (x.shape[1] // groups)
+    return 0 if kind in _ROWS else shape[1] // (channels // groups)
+
+
+# --- the forward operator
+
+
+@torch.library.custom_op("normlab::cpu_norm", mutates_args=(), device_types="cpu")
+def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             mean: Optional[torch.Tensor], var: Optional[torch.Tensor], kind: str, groups: int,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    nt = _threads(x.numel())
+    acc = _ACC[x.dtype]
+    xk = _dense(x, kind)
+    layout, shape, sets, npar = _plan(xk, kind, groups)
+    y, yk = _outputs(x, xk)
+    st = np.empty((4, sets), _NP[acc])
+    xs, ys = _kernel_array(xk, layout, shape), _kernel_array(yk, layout, shape)
+    half = x.dtype in _HALF
+    w, b = _vec(weight, npar, 1.0, acc), _vec(bias, npar, 0.0, acc)
+    if layout == "rows":
+        if half:
+            K.rows_forward_16.pick(nt)(xs, w, b, _seg(kind, groups, npar, shape), eps,
+                                       kind != "rms", ys, st)
+        elif kind in _ROWS:
+            K.rows_forward.pick(nt)(xs, w, b, eps, kind != "rms", ys, st)
+        else:
+            K.segments_forward.pick(nt)(xs, w, b, _seg(kind, groups, npar, shape), eps, ys, st)
+    elif layout == "nhwc":  # batch statistics per (p, group), or given ones per channel
+        p, r, c = shape
+        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
+        sh = np.empty((p, c), st.dtype)
+        if var is None:
+            m = v = _EMPTY[st.dtype]
+            s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
+            (K.nhwc_moments_16 if half else K.nhwc_moments).pick(nt)(xs, cpg, sh, s1, s2)
+        else:
+            m, v = _vec(mean, npar, 0.0, acc), _vec(var, npar, 1.0, acc)
+            s1 = s2 = _EMPTY3
+        (K.nhwc_affine_16 if half else K.nhwc_affine).pick(nt)(
+            xs, sh, s1, s2, w, b, m, v, cpg, eps, t, st, ys)
+    elif var is not None and not half:  # given statistics, per channel (nchw)
+        K.nchw_given.pick(nt)(xs, w, b, _vec(mean, npar, 0.0, acc), _vec(var, npar, 1.0, acc),
+                              eps, st, ys)
+    elif var is not None:
+        st[0] = _vec(mean, npar, 0.0, acc)
+        st[1] = 0
+        st[3] = _vec(var, npar, 1.0, acc)
+        st[2] = 1.0 / np.sqrt(st[3] + eps)
+        _affine(xs, st, w, b, ys, nt, half)
+    elif half and _fuse_channels(shape[1], nt):
+        K.nchw_forward_16.pick(nt)(xs, w, b, eps, st, ys)
+    else:
+        (K.nchw_stats_16 if half else K.nchw_stats).pick(nt)(xs, st, eps)
+        _affine(xs, st, w, b, ys, nt, half)
+    if yk is not y:
+        y.copy_(yk)
+    return y, torch.from_numpy(st)
+
+
+@cpu_norm.register_fake
+def _(x, weight, bias, mean, var, kind, groups, eps):
+    return torch.empty_like(x), x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype))
+
+
+def _affine(xs, st, w, b, ys, nt, half) -> None:
+    """ys = ((xs - shift) - delta) * rstd * w + b with st's per-channel statistics (nchw)."""
+    (K.nchw_affine_16 if half else K.nchw_affine).pick(nt)(xs, st[0], st[1], st[2] * w, b, ys)
 
 
 # --- the backward operator
@@ -363,19 +370,23 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
                       input_stats: bool, need_dx: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nt = _threads(x.numel())
-    acc = _acc(x.dtype)
-    npar = _nparams(x, kind, groups)
+    acc = _ACC[x.dtype]
+    half = x.dtype in _HALF and dh is None  # (the 16-bit kernels take no dh)
     xk = _dense(x, kind)
-    if x.dtype not in _HALF or dh is not None:  # (the 16-bit kernels take no dh)
+    if not half and xk.dtype is not acc:
         xk = xk.to(acc)
-    layout = _layout(xk, kind)
-    shape = _views(xk, layout, kind, groups)
-    gk = _as_layout(dy, xk, layout)
+    layout, shape, _, npar = _plan(xk, kind, groups)
+    gk = _same_layout(dy, xk, layout)
     xs, gs, st = _kernel_array(xk, layout, shape), _kernel_array(gk, layout, shape), stats.numpy()
-    half, fdt = _bits(xs), _fdt(xs)
-    dx = _out_like(x, kind) if need_dx else x.new_empty(0)
-    dxk = _target(dx, xk) if need_dx else dx
-    dxs = _kernel_array(dxk, layout, shape) if need_dx else np.empty((0,) * len(shape), xs.dtype)
+    fdt = np.float32 if half else xs.dtype
+    if need_dx:
+        dx, dxk = _outputs(x, xk)
+        if dxk.dtype is not xk.dtype:
+            dxk = torch.empty_like(xk)
+        dxs = _kernel_array(dxk, layout, shape)
+    else:
+        dx = dxk = x.new_empty(0)
+        dxs = np.empty((0,) * len(shape), xs.dtype)
     w = _vec(weight, npar, 1.0, acc)
     if layout == "rows":
         # per-block partials in the kernels' dtype (up to a few hundred rows each, at least
@@ -384,32 +395,35 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
         if half:
-            _pick(K.rows_backward_16, nt)(xs, w, gs, st, _seg(x, kind, groups, shape), kind != "rms",
-                               blocks, out, dw, db)
-        elif kind in ("layer", "rms"):
-            dhs = _NONE[xs.dtype] if dh is None else dh.to(acc).contiguous().view(shape).numpy()
-            _pick(K.rows_backward, nt)(xs, w, gs, dhs, st, kind != "rms", blocks, out, dw, db)
+            K.rows_backward_16.pick(nt)(xs, w, gs, st, _seg(kind, groups, npar, shape),
+                                        kind != "rms", blocks, out, dw, db)
+        elif kind in _ROWS:
+            dhs = _NONE[xs.dtype] if dh is None else \
+                _same_layout(dh, xk, layout).view(shape).numpy()
+            K.rows_backward.pick(nt)(xs, w, gs, dhs, st, kind != "rms", blocks, out, dw, db)
         else:
-            _pick(K.segments_backward, nt)(xs, w, gs, st, _seg(x, kind, groups, shape), blocks, out, dw, db)
+            K.segments_backward.pick(nt)(xs, w, gs, st, _seg(kind, groups, npar, shape), blocks,
+                                         out, dw, db)
     elif layout == "nhwc":
         p, r, c = shape
         cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
         s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
-        _pick(K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments, nt)(xs, gs, st, cpg, s1, s2)
-        _pick(K.nhwc_dx_16 if half else K.nhwc_dx, nt)(xs, gs, st, w, s1, s2, cpg, input_stats, t, dxs,
-                                              dw, db)
+        (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments).pick(nt)(
+            xs, gs, st, cpg, s1, s2)
+        (K.nhwc_dx_16 if half else K.nhwc_dx).pick(nt)(
+            xs, gs, st, w, s1, s2, cpg, input_stats, t, dxs, dw, db)
     elif half and _fuse_channels(shape[1], nt):
         dw, db = np.empty(npar), np.empty(npar)
-        _pick(K.nchw_backward_16, nt)(xs, gs, st, w, input_stats, dxs, dw, db)
+        K.nchw_backward_16.pick(nt)(xs, gs, st, w, input_stats, dxs, dw, db)
     else:
         dw, db = np.empty(npar), np.empty(npar)
-        _pick(K.nchw_grad_sums_16 if half else K.nchw_grad_sums, nt)(xs, gs, st, dw, db)
+        (K.nchw_grad_sums_16 if half else K.nchw_grad_sums).pick(nt)(xs, gs, st, dw, db)
         if need_dx:
             count = shape[0] * shape[2]
             k1 = (dw / count if input_stats else np.zeros(npar)).astype(fdt)
             k2 = (db / count if input_stats else np.zeros(npar)).astype(fdt)
-            _pick(K.nchw_dx_16 if half else K.nchw_dx, nt)(xs, gs, st, st[2] * w, k1, k2, dxs)
+            (K.nchw_dx_16 if half else K.nchw_dx).pick(nt)(xs, gs, st, st[2] * w, k1, k2, dxs)
     if need_dx and dxk is not dx:
         dx.copy_(dxk)
     if dw.dtype != fdt:
@@ -421,7 +435,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
 def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
     npar = _nparams(x, kind, groups)
     acc = _acc(x.dtype)
-    dx = _out_like(x, kind) if need_dx else x.new_empty(0)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 
@@ -435,22 +449,21 @@ def cpu_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
     """(y, h, stats) with h = x + residual and y = norm(h), in one pass; float32/float64 x and
     residual of one dtype."""
     nt = _threads(x.numel())
-    shape = _views(x, "rows", kind, groups)
-    xs = x.contiguous().view(shape).numpy()
-    rs = residual.contiguous().view(shape).numpy()
-    y, h = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
-    stats = torch.empty((4, shape[0]), dtype=x.dtype)
-    npar = shape[1]
-    _pick(K.rows_add_forward, nt)(xs, rs, _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype),
-                       eps, kind != "rms", y.view(shape).numpy(), h.view(shape).numpy(),
-                       stats.numpy())
-    return y, h, stats
+    x, residual = x.contiguous(), residual.contiguous()
+    _, shape, m, npar = _plan(x, kind, groups)
+    y, h = torch.empty_like(x), torch.empty_like(x)
+    st = np.empty((4, m), _NP[x.dtype])
+    K.rows_add_forward.pick(nt)(
+        x.numpy().reshape(shape), residual.numpy().reshape(shape),
+        _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype), eps, kind != "rms",
+        y.numpy().reshape(shape), h.numpy().reshape(shape), st)
+    return y, h, torch.from_numpy(st)
 
 
 @cpu_add_norm.register_fake
 def _(x, residual, weight, bias, kind, groups, eps):
-    shape = _views(x, "rows", kind, groups)
-    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((4, shape[0])))
+    m = _nstats(x, kind, groups)
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((4, m)))
 
 
 # --- autograd, the eager path and the backend
@@ -473,5 +486,5 @@ def _fuses_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
 
 OPS = Ops(cpu_norm, cpu_norm_backward, cpu_add_norm, _given)
 BACKEND = FusedBackend(
-    "cpu", OPS, runs=lambda x: x.device.type == "cpu" and x.dtype in FLOATS and x.numel() > 0,
+    "cpu", OPS, runs=lambda x: x.is_cpu and x.dtype in _ACC and x.numel() > 0,
     fuses_add=_fuses_add, batch_stats=_given)
