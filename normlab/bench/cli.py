@@ -5,8 +5,9 @@ import argparse
 import os
 import sys
 
-from . import harness, models_harness, models_report, report
+from . import dispatch, harness, models_harness, models_report, report
 from . import models as zoo
+from ..kernels import auto
 
 
 def _list(kind: str, known):
@@ -73,6 +74,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                              " (default: all)")
     models.add_argument("--modes", type=_list("mode", models_harness.MODES), default=None,
                         help="from infer,train (default: both)")
+    disp = p.add_argument_group(
+        "dispatch figures (--dispatch)",
+        "time normlab's cpu kernels against ATen through normlab.functional, interleaved, on"
+        " one input per cell of auto's table (norm, layout, dtype, size class, pass), and"
+        " write the table auto reads (--table). Takes --dtypes (default: all four), --quick"
+        " (two size classes), --rounds, --time-budget, --out and --no-progress")
+    disp.add_argument("--dispatch", action="store_true",
+                      help="time the cells of auto's kernels-or-ATen table")
+    disp.add_argument("--dispatch-norms", type=_list("norm", auto.NORMS), default=None,
+                      metavar="NAMES", help="comma-separated, from " + ",".join(auto.NORMS)
+                      + " (default: all)")
+    disp.add_argument("--table", metavar="FILE.json", default=None,
+                      help="write the table (cells not measured keep FILE's choice); auto reads"
+                           " normlab/kernels/cpu_dispatch.json")
     p.add_argument("--device", choices=harness.DEVICES, default="cpu",
                    help="where the tensors live (default: cpu). cuda: CUDA events, an L2 flush"
                         " before each timed call, a device-to-device copy bandwidth")
@@ -84,8 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         " the shapes can run)")
     p.add_argument("--layouts", type=_list("layout", harness.LAYOUTS), default=harness.LAYOUTS,
                    help="layouts of the channel norms: nchw,channels_last (default: both)")
-    p.add_argument("--dtypes", type=_list("dtype", tuple(harness.DTYPES)), default=("float32",),
-                   help="comma-separated, e.g. float32,bfloat16 (default: float32)")
+    p.add_argument("--dtypes", type=_list("dtype", tuple(harness.DTYPES)), default=None,
+                   help="comma-separated, e.g. float32,bfloat16 (default: float32; --dispatch:"
+                        " all)")
     shapes = p.add_mutually_exclusive_group()
     shapes.add_argument("--shapes", type=_shapes, default=None,
                         help="e.g. 32x64x56x56,4096x1024: 4-D for the channel norms, 2-D rows for"
@@ -134,7 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> harness.Config:
     return harness.Config(
-        norms=args.norms, layouts=args.layouts, dtypes=args.dtypes, shapes=args.shapes,
+        norms=args.norms, layouts=args.layouts, dtypes=args.dtypes or ("float32",),
+        shapes=args.shapes,
         passes=args.passes, rounds=args.rounds, backend=args.backend, compile=args.compile,
         groups=args.groups, quick=args.quick, progress=args.progress, device=args.device,
         peers=args.peers, preset=args.preset, flush_l2=args.flush_l2,
@@ -160,11 +177,12 @@ def _write(results, csv_path: str, md_path: str, rep=report) -> str:
 
 # options of the kernel bench alone, and the value each has when not given
 _KERNEL_ONLY = {
-    "norms": None, "layouts": harness.LAYOUTS, "dtypes": ("float32",), "shapes": None,
+    "norms": None, "layouts": harness.LAYOUTS, "dtypes": None, "shapes": None,
     "preset": None, "passes": None, "peers": None, "groups": 32, "copy_mib": None,
     "flush_l2": True, "from_csv": None, "device": "cpu",
 }
 _MODELS_ONLY = {"model_set": None, "modes": None}
+_DISPATCH_ONLY = {"dispatch_norms": None, "table": None}
 
 
 def _flag(dest: str) -> str:
@@ -205,6 +223,24 @@ def models_main(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     return 0
 
 
+def dispatch_main(args: argparse.Namespace,
+                  parser: argparse.ArgumentParser | None = None) -> int:
+    """``normlab bench --dispatch`` (:mod:`.dispatch`); kernel-bench and model options other
+    than --dtypes are a parser error."""
+    given = [_flag(k) for k, v in {**_KERNEL_ONLY, **_MODELS_ONLY}.items()
+             if k != "dtypes" and getattr(args, k, v) != v]
+    if getattr(args, "backend", None) is not None:
+        given.append("--backend")
+    if given:
+        msg = (f"{', '.join(given)} cannot be used with --dispatch (it times the cpu kernels"
+               " against ATen on its own grid); --dispatch takes --dispatch-norms, --dtypes,"
+               " --table, --quick, --rounds, --time-budget, --out, --no-progress")
+        if parser is None:
+            raise ValueError(msg)
+        parser.error(msg)
+    return dispatch.main(args)
+
+
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Run the benchmark of ``args`` (or merge ``--from-csv``); print the markdown, write
     ``--out``. A bad configuration (a shape no chosen norm can use, an unknown or unavailable
@@ -212,9 +248,14 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
     """
     if getattr(args, "models", False):
         return models_main(args, parser)
+    if getattr(args, "dispatch", False):
+        return dispatch_main(args, parser)
     given = [_flag(k) for k, v in _MODELS_ONLY.items() if getattr(args, k, v) != v]
     if given and parser is not None:
         parser.error(f"{', '.join(given)} need{'s' * (len(given) == 1)} --models")
+    given = [_flag(k) for k, v in _DISPATCH_ONLY.items() if getattr(args, k, v) != v]
+    if given and parser is not None:
+        parser.error(f"{', '.join(given)} need{'s' * (len(given) == 1)} --dispatch")
     paths = out_paths(args.out) if args.out else None
     if args.from_csv:
         try:

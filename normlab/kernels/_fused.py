@@ -175,13 +175,16 @@ class FusedBackend:
     ``runs(x)``: whether the kernels take x (else the reference engine computes the call).
     ``fuses_add(x, residual)``: whether the one-pass add + norm operator takes the pair (else
     the add, then the norm). ``batch_stats(stats) -> (mean, biased var)`` of a batch-statistics
-    forward, flat, in the order of its statistics sets."""
+    forward, flat, in the order of its statistics sets. ``update_running(stats, running_mean,
+    running_var, count, momentum) -> bool``: an optional fast BatchNorm running-statistics
+    update (False: not taken, the engine's :func:`~normlab._engine.update_running_stats` runs)."""
 
     def __init__(self, name: str, ops: Ops, runs: Callable[[torch.Tensor], bool],
                  fuses_add: Callable[[torch.Tensor, torch.Tensor], bool],
-                 batch_stats: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+                 batch_stats: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 update_running: Callable[..., bool] | None = None):
         self.name, self.ops, self.runs, self.fuses_add = name, ops, runs, fuses_add
-        self.batch_stats = batch_stats
+        self.batch_stats, self.update_running = batch_stats, update_running
 
     def layer_norm(self, x, normalized_shape, weight, bias, eps):
         if not self.runs(x):
@@ -206,9 +209,13 @@ class FusedBackend:
         if not training:
             return self.ops.norm(x, weight, bias, running_mean, running_var, "batch", 1, eps)[0]
         y, stats = self.ops.norm(x, weight, bias, None, None, "batch", 1, eps)
-        mean, var = self.batch_stats(stats)
-        E.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1],
-                               momentum)
+        if running_mean is None and running_var is None:
+            return y
+        count = x.numel() // x.shape[1]
+        if self.update_running is None or not self.update_running(
+                stats, running_mean, running_var, count, momentum):
+            mean, var = self.batch_stats(stats)
+            E.update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return y
 
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats,

@@ -356,6 +356,21 @@ def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
+def running_update(stats, rm, rv, momentum, unbias):  # pragma: no cover
+    """BatchNorm's running-statistics update in place, the formula of torch's CPU BatchNorm in
+    the buffers' dtype (stats' dtype): ``r = m * new + (1 - m) * r`` per channel, with the
+    batch mean ``stats[0] + stats[1]`` and the unbiased variance ``stats[3] * unbias``
+    (``unbias`` = n / (n - 1), or 1 for n = 1). An empty rm or rv is not updated."""
+    m = stats.dtype.type(momentum)
+    k = stats.dtype.type(1) - m
+    u = stats.dtype.type(unbias)
+    for c in range(rm.shape[0]):
+        rm[c] = m * (stats[0, c] + stats[1, c]) + k * rm[c]
+    for c in range(rv.shape[0]):
+        rv[c] = m * (stats[3, c] * u) + k * rv[c]
+
+
+@njit(cache=True, fastmath=_FM)
 def _join_blocks(dw_part, db_part, dw, db):  # pragma: no cover
     """dw, db = the per-block partials summed over the blocks in order, in float64."""
     for j in range(dw.shape[0]):
@@ -555,6 +570,18 @@ def _rows_dx(xb, gb, shp, dep, rp, wp, c1, c2, ob):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
+def _join_chunks(s1, s2, u1, u2):  # pragma: no cover
+    """u1, u2 (C) = s1, s2 (T, C) summed over the chunks, in chunk order, one row at a time."""
+    u1[:] = 0.0
+    u2[:] = 0.0
+    for t in range(s1.shape[0]):
+        a, q = s1[t], s2[t]
+        for c in range(u1.shape[0]):
+            u1[c] += a[c]
+            u2[c] += q[c]
+
+
+@njit(cache=True, fastmath=_FM)
 def _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, count, eps, st):  # pragma: no cover
     """Statistics into st (4, P*G) from the chunk partials s1, s2 (P, T, C) float64 and the
     shifts sh (P, C) (or from the given per-channel ``mean``/``var`` when they are not empty:
@@ -566,7 +593,11 @@ def _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, count, eps, st):  # pragma: n
     g_ = c_ // cpg
     de, a, bb = np.empty_like(sh), np.empty_like(sh), np.empty_like(sh)
     given = var.shape[0] > 0
+    u1 = np.empty(c_)
+    u2 = np.empty(c_)
     for p in range(p_):
+        if not given:  # per-channel totals over the chunks, in chunk order (rows of s1: C apart)
+            _join_chunks(s1[p], s2[p], u1, u2)
         for g in range(g_):
             i = p * g_ + g
             if given:
@@ -579,13 +610,8 @@ def _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, count, eps, st):  # pragma: n
                 t1 = 0.0
                 t2 = 0.0
                 for k in range(cpg):
-                    u1 = 0.0
-                    u2 = 0.0
-                    for t in range(t_):
-                        u1 += s1[p, t, g * cpg + k]
-                        u2 += s2[p, t, g * cpg + k]
-                    t1 += u1
-                    t2 += u2
+                    t1 += u1[g * cpg + k]
+                    t2 += u2[g * cpg + k]
                 m = t1 / count
                 v = t2 / count - m * m
                 if v < 0.0:  # (nan stays nan: inf inputs give nan statistics, as elsewhere)
@@ -625,14 +651,7 @@ def _nhwc_grad_finish(s1, s2, w, cpg, count, input_stats, dw, db):  # pragma: no
     gx = np.zeros((p_, c_))
     gs = np.zeros((p_, c_))
     for p in range(p_):
-        for c in range(c_):
-            u1 = 0.0
-            u2 = 0.0
-            for t in range(t_):
-                u1 += s1[p, t, c]
-                u2 += s2[p, t, c]
-            gx[p, c] = u1
-            gs[p, c] = u2
+        _join_chunks(s1[p], s2[p], gx[p], gs[p])
     for c in range(c_):
         u1 = 0.0
         u2 = 0.0

@@ -57,6 +57,7 @@ _EMPTY3 = np.empty((0, 0, 0))  # "no partial sums" (given statistics)
 _BLOCKS = 64  # parameter-gradient partial sums per call: fixed, so results ignore thread count
 _BLOCK_ROWS = 16  # rows per partial sum at least (fewer, smaller partials for small inputs)
 _CHUNKS = 64  # nhwc work items (P * chunks of R) aimed at, fixed for the same reason
+_CHUNK_MIN = 8192  # elements of an nhwc chunk at least (each has a (C,) float64 partial)
 
 
 # --- threads: which version of a kernel runs (see _numba_kernels.Kernel)
@@ -285,8 +286,10 @@ def _fuse_channels(c: int, threads: int) -> bool:
     return c >= 4 * threads
 
 
-def _chunks(p: int, r: int) -> int:
-    return max(1, min(r, _CHUNKS // max(p, 1)))
+def _chunks(p: int, r: int, c: int) -> int:
+    """Chunks of R per p in the nhwc kernels: _CHUNKS work items over P, each chunk of
+    _CHUNK_MIN elements at least (fixed by the shape alone: results ignore the thread count)."""
+    return max(1, min(r, _CHUNKS // max(p, 1), r * c // _CHUNK_MIN))
 
 
 def _seg(kind: str, groups: int, channels: int, shape: tuple[int, ...]) -> int:
@@ -321,7 +324,7 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
             K.segments_forward.pick(nt)(xs, w, b, _seg(kind, groups, npar, shape), eps, ys, st)
     elif layout == "nhwc":  # batch statistics per (p, group), or given ones per channel
         p, r, c = shape
-        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
+        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r, c)
         sh = np.empty((p, c), st.dtype)
         if var is None:
             m = v = _EMPTY[st.dtype]
@@ -406,7 +409,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
                                          out, dw, db)
     elif layout == "nhwc":
         p, r, c = shape
-        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r)
+        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r, c)
         s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
         (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments).pick(nt)(
@@ -478,6 +481,26 @@ def _given(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(st[0] + st[1]), stats[3]
 
 
+def _update_running(stats: torch.Tensor, running_mean, running_var, count: int,
+                    momentum: float) -> bool:
+    """BatchNorm's running statistics updated from a forward's stats in one Numba call, when
+    the given buffers are contiguous CPU tensors of the statistics' dtype (float32 for float32
+    inputs, float64 for float64); False (nothing done) otherwise, or under torch.compile."""
+    if torch.compiler.is_compiling() or count == 0:
+        return False
+    dt = stats.dtype
+    for b in (running_mean, running_var):
+        if b is not None and (b.dtype is not dt or not b.is_cpu or not b.is_contiguous()
+                              or b.requires_grad):
+            return False
+    n = stats.shape[1]
+    none = _EMPTY[np.dtype(_NP[dt])]
+    K.running_update(stats.numpy(), none if running_mean is None else _vec(running_mean, n, 0, dt),
+                     none if running_var is None else _vec(running_var, n, 1, dt), momentum,
+                     count / (count - 1) if count > 1 else 1.0)
+    return True
+
+
 def _fuses_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
     """The one-pass add + norm kernel takes float32/float64 pairs of one dtype."""
     return residual.device == x.device and residual.dtype == x.dtype \
@@ -487,4 +510,4 @@ def _fuses_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
 OPS = Ops(cpu_norm, cpu_norm_backward, cpu_add_norm, _given)
 BACKEND = FusedBackend(
     "cpu", OPS, runs=lambda x: x.is_cpu and x.dtype in _ACC and x.numel() > 0,
-    fuses_add=_fuses_add, batch_stats=_given)
+    fuses_add=_fuses_add, batch_stats=_given, update_running=_update_running)
