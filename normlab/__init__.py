@@ -10,9 +10,12 @@
   change a model's normalization: another norm, BatchNorm folded into the convolution before
   it, or BatchNorm frozen for fine-tuning.
 * :func:`backend` - force a backend (``"reference"``, ``"torch"``) inside a ``with`` block.
+* :func:`background_warmup`, :func:`wait_for_kernels` - whether ``auto`` prepares the cpu
+  kernels in a background thread (ATen computing meanwhile), and waiting for them.
 """
 from . import functional, nn
-from ._dispatch import available_backends, backend, current_backend
+from ._dispatch import (available_backends, background_warmup, backend, current_backend,
+                        wait_for_kernels)
 from ._errors import ArgumentError, BackendUnavailableError, DTypeError, ShapeError
 from ._patch import patch
 from .tools import fold_batchnorm, freeze_batchnorm, swap_norms, unfreeze_batchnorm
@@ -22,5 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "functional", "nn", "patch", "swap_norms", "fold_batchnorm", "freeze_batchnorm",
     "unfreeze_batchnorm", "backend", "available_backends", "current_backend",
+    "background_warmup", "wait_for_kernels",
     "ArgumentError", "ShapeError", "DTypeError", "BackendUnavailableError", "__version__",
 ]

@@ -104,11 +104,16 @@ def get_backend(x: torch.Tensor | None = None):
 
     Under ``torch.compile``, dynamo cannot read the ContextVar; it reads ``_forced_name``, a
     module-level mirror of the innermost forced backend, and guards on it, so a compiled function
-    recompiles when the choice changes (and compiled code calls the ``cpu`` backend's registered
-    operators, not the table). (The mirror is process-wide: threads compiling under different
-    forced backends at the same time may see each other's choice.)"""
+    recompiles when the choice changes. Compiled ``auto`` follows the same table as eager (on
+    static shapes; the kernels where the size is symbolic), with no background warm-up: the
+    compiled graph calls ATen's operators or the ``cpu`` backend's registered ones. (The mirror
+    is process-wide: threads compiling under different forced backends at the same time may see
+    each other's choice.)"""
     if torch.compiler.is_compiling():
-        return _loaded[_forced_name or _auto_name(None if x is None else x.device.type)]
+        name = _forced_name or _auto_name(None if x is None else x.device.type)
+        if _forced_name is None and name == "cpu":
+            return _cpu_auto  # made, with its kernels loaded, by _auto_name
+        return _loaded[name]
     name = _forced.get()
     if name is not None:
         return _loaded.get(name) or _load(name)
@@ -128,16 +133,65 @@ def _make_cpu_auto():
         return _load("reference")
     from .kernels import auto
 
-    _cpu_auto = auto.Auto(_load("cpu"), auto.load_table())
+    _cpu_auto = auto.Auto(lambda: _load("cpu"), auto.load_table())
     return _cpu_auto
 
 
-@torch.compiler.assume_constant_result
+def background_warmup(enabled: bool | None = None) -> bool:
+    """Whether ``auto`` gets the cpu kernels ready in a background thread while ATen computes
+    their calls (the default; ``NORMLAB_BACKGROUND_WARMUP=0`` turns it off), and, with
+    ``enabled``, set it. Off, the first call of each kernel compiles it (or loads it from Numba's
+    cache) in the calling thread, as does every call under
+    ``torch.use_deterministic_algorithms(True)``: which calls ran on ATen then never depends
+    on timing. Returns the setting in force before the call.
+
+    >>> import normlab
+    >>> previous = normlab.background_warmup(False)
+    >>> _ = normlab.background_warmup(previous)
+    """
+    auto = _cpu_auto or _make_cpu_auto()
+    warm = getattr(auto, "warmup", None)
+    if warm is None:  # no Numba: nothing to warm up
+        return False
+    before = warm.background
+    if enabled is not None:
+        warm.background = bool(enabled)
+    return before
+
+
+@contextlib.contextmanager
+def synchronous_warmup() -> Iterator[None]:
+    """``background_warmup(False)`` inside the block (benchmarks, the lab: every call of the
+    block runs where the table says, never on ATen because a kernel was still compiling)."""
+    before = background_warmup(False)
+    try:
+        yield
+    finally:
+        background_warmup(before)
+
+
+def wait_for_kernels(timeout: float | None = None) -> bool:
+    """Wait until the background warm-ups started so far are done (see
+    :func:`background_warmup`); False if ``timeout`` seconds passed first. Benchmarks call it
+    after a warm-up call, so that they time the kernels and not ATen standing in."""
+    auto = _cpu_auto
+    warm = getattr(auto, "warmup", None)
+    return True if warm is None else warm.wait(timeout)
+
+
 def _auto_name(device_type: str | None) -> str:
-    """``auto_backend``'s choice for a device type, loaded (a constant for dynamo)."""
+    """``auto_backend``'s choice for a device type, loaded (a constant for dynamo); for
+    ``"cpu"`` the Auto object too, its kernels loaded."""
     name = _auto_for(device_type)
     _load(name)
+    if name == "cpu":
+        (_cpu_auto or _make_cpu_auto()).kernels
     return name
+
+
+# What ``torch.compiler.assume_constant_result`` does (torch 2.0-2.13), without its import of
+# torch._dynamo: that import took 1.7 s of ``import normlab`` (tested: test_compile.py).
+_auto_name._dynamo_marked_constant = True
 
 
 _forced_name: str | None = None

@@ -7,6 +7,9 @@ import torch
 # is read when a kernel is decorated, so it is set before any normlab Triton module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# auto prepares the cpu kernels in the background (ATen computing meanwhile) unless told not to:
+# the tests need calls whose path does not depend on timing (tests/test_warmup.py turns it on)
+os.environ.setdefault("NORMLAB_BACKGROUND_WARMUP", "0")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -10,6 +10,7 @@ fails the test instead of the test process. The parent always starts Numba's thr
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -60,13 +61,15 @@ PRELUDE = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, body: str, timeout: float = 300) -> str:
-    """Run PRELUDE + body as a script in a fresh interpreter; it must exit 0 and print OK."""
+def _run(tmp_path, body: str, timeout: float = 300, background: bool = False) -> str:
+    """Run PRELUDE + body as a script in a fresh interpreter; it must exit 0 and print OK.
+    ``background``: auto's background warm-up on (the default outside the tests)."""
     script = tmp_path / "case.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
+    env = {**os.environ, "NORMLAB_BACKGROUND_WARMUP": "1" if background else "0"}
     try:
         done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"hung for {timeout} s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
     assert done.returncode == 0 and "OK" in done.stdout, (
@@ -74,11 +77,13 @@ def _run(tmp_path, body: str, timeout: float = 300) -> str:
     return done.stdout
 
 
-def test_dataloader_workers_after_the_parent_used_the_kernels(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_dataloader_workers_after_the_parent_used_the_kernels(tmp_path, background):
     """A DataLoader with fork workers (the Linux default) whose dataset runs normlab norms,
     after the main process ran them: torch's workers run one thread; normlab's, serial kernels;
-    the workers' results are the parent's."""
-    _run(tmp_path, """
+    the workers' results are the parent's. With auto's background warm-up (the default), the
+    workers are forked while warm-ups may be pending or running."""
+    _run(tmp_path, background=background, body="""
         from torch.utils.data import DataLoader, Dataset
 
         class Steps(Dataset):

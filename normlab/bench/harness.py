@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as TF
 
 import normlab
+from normlab._dispatch import synchronous_warmup
 import normlab.functional as NF
 
 from .progress import progress_bar
@@ -729,6 +730,7 @@ def _not_run(cell: Cell, config: Config, timer, copy_gbps: float, reason: str) -
             for p in config.peers if applies(p, cell)]
 
 
+@synchronous_warmup()  # no call runs on ATen because its kernel is still compiling
 def run(config: Config | None = None,
         on_cell: Callable[[list[Result]], None] | None = None) -> list[Result]:
     """Benchmark every cell of ``config`` (default: :class:`Config`'s defaults); one

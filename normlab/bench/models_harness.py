@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 import normlab
+from normlab._dispatch import synchronous_warmup
 from normlab._patch import TWINS
 
 from . import models as zoo
@@ -540,6 +541,7 @@ def _not_run(case: Case, config: ModelConfig, reason: str) -> list[ModelResult]:
             for p in config.peers(case)]
 
 
+@synchronous_warmup()  # no call runs on ATen because its kernel is still compiling
 def run(config: ModelConfig | None = None,
         on_case: Callable[[list[ModelResult]], None] | None = None) -> list[ModelResult]:
     """Benchmark every case of ``config`` (default: :class:`ModelConfig`'s defaults); one

@@ -20,12 +20,29 @@ backends through normlab's own functional layer, interleaved, and writes
 normlab does are eligible: every given parameter, running statistic and residual has the
 input's dtype (ATen rejects or casts mixed ones differently). ``normlab.backend("cpu")`` and
 ``normlab.backend("torch")`` still force one side everywhere.
+
+**Warm-up in the background.** A kernel compiles on its first call (seconds; with Numba's disk
+cache, it loads in a fraction of that). So that no first call stalls, a cell whose kernels are
+not ready in this process is computed by ATen while a background thread gets them ready, by
+running the same call on a small input of the same dtype, layout, channels and kernel version
+(:class:`Warmup`); the kernels take over as each finishes. The first steps of a model are
+torch's own, bit for bit. Synchronous instead (the calling thread compiles, as before) when
+``torch.are_deterministic_algorithms_enabled()``, or with ``normlab.background_warmup(False)``
+or ``NORMLAB_BACKGROUND_WARMUP=0``: then which steps ran on ATen cannot depend on timing.
+:func:`normlab.wait_for_kernels` waits for the pending warm-ups (benchmarks call it before
+timing).
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
+import sys
+import threading
+import warnings
+import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -79,19 +96,175 @@ def _channel_layout(x: torch.Tensor) -> str:
     return "channels_last" if d >= 3 and x.movedim(1, -1).is_contiguous() else "nchw"
 
 
+def _small_like(x: torch.Tensor, layout: str, keep: int) -> torch.Tensor:
+    """A small random tensor that the kernels see as they see x: x's dtype, layout and last
+    ``keep`` dims (the row norms) or channel count (dim 1), the other dims cut to 2 at most (1
+    stays 1)."""
+    if layout == "rows":
+        shape = (2,) + tuple(x.shape[x.dim() - keep:])
+    else:
+        shape = (2, x.shape[1]) + tuple(min(d, 2) for d in x.shape[2:])
+    t = torch.randn(shape).to(x.dtype)
+    if layout == "channels_last":
+        t = t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t
+
+
+def _env_background() -> bool:
+    return os.environ.get("NORMLAB_BACKGROUND_WARMUP", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+class Warmup:
+    """Which cells' kernels are ready in this process, and the background thread that makes
+    them ready.
+
+    A cell is ``(norm, layout, dtype, train, parallel, channels)``: ``parallel`` the kernel
+    version the call runs (see :mod:`.cpu`), ``channels`` C of the channel norms (which kernel
+    variant runs can depend on it). ``job()`` runs the call on small inputs (compiling or loading
+    what it needs); a failing job is reported once as a warning and the cell stays on ATen."""
+
+    def __init__(self):
+        self.background = _env_background()
+        self._ready: set = set()
+        self._failed: set = set()
+        self.errors: dict = {}  # cell -> the exception its warm-up raised
+        self._pending: set = set()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._job_lock = threading.RLock()  # held while a job runs (and across a fork)
+        _WARMUPS.add(self)
+
+    def synchronous(self) -> bool:
+        return not self.background or torch.are_deterministic_algorithms_enabled()
+
+    def ready(self, key, make_job: Callable[[], Callable[[], None]]) -> bool:
+        """Whether the cell's kernels can run now; if not, its warm-up (``make_job()``) is
+        started: in the background, or here and now in synchronous mode (then True once it is
+        done)."""
+        if key in self._ready:
+            return True
+        if key in self._failed:
+            return False
+        if self.synchronous():
+            self._run(key, make_job())
+            return key in self._ready
+        with self._lock:
+            if key in self._pending:
+                return False
+            self._pending.add(key)
+            self._queue.put((key, make_job()))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="normlab-warmup",
+                                                daemon=True)
+                self._thread.start()
+        return False
+
+    def _run(self, key, job) -> None:
+        try:
+            with self._job_lock:
+                job()
+        except Exception as e:  # noqa: BLE001 - the cell stays on ATen, once said
+            self._failed.add(key)
+            self.errors[key] = e
+            warnings.warn(f"normlab: the cpu kernels for {key[:4]} could not be prepared "
+                          f"({type(e).__name__}: {e}); ATen computes these calls",
+                          RuntimeWarning, stacklevel=4)
+        else:
+            self._ready.add(key)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                key, job = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        self._idle.notify_all()
+                        return
+                continue
+            self._run(key, job)
+            with self._lock:
+                self._pending.discard(key)
+                if not self._pending:
+                    self._idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no warm-up is pending; False if ``timeout`` seconds passed first."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+    def after_fork_in_child(self) -> None:
+        """No thread survives fork: forget the pending warm-ups (calls start them again)."""
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending.clear()
+        self._queue = queue.Queue()
+        self._thread = None
+
+
+# Fork while the warm-up thread works: the child would inherit the locks that thread holds (an
+# import's module lock, Numba's compiler lock) held by a thread that does not exist there, and
+# deadlock on them (seen: a child stuck importing a NumPy submodule). So a fork waits for the
+# job in progress to finish (each job runs holding its Warmup's job lock; the fork holds every
+# job lock across the fork), and the child forgets the warm-ups that were pending.
+_WARMUPS: weakref.WeakSet = weakref.WeakSet()
+_held: list = []
+
+
+def _before_fork() -> None:
+    for w in list(_WARMUPS):
+        w._job_lock.acquire()
+        _held.append(w)
+
+
+def _after_fork(child: bool) -> None:
+    while _held:
+        w = _held.pop()
+        w._job_lock.release()
+        if child:
+            w.after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=lambda: _after_fork(False),
+                    after_in_child=lambda: _after_fork(True))
+
+
 class Auto:
-    """The backend interface on two backends, ``kernels`` (normlab's ``cpu``) and ``aten``
-    (ATen's ops, called directly: the same computation as ``torch.nn.functional``'s after
-    normlab's own argument checks), chosen per call by ``table`` (:func:`load_table`)."""
+    """The backend interface on two backends, the ``cpu`` kernels (loaded by ``load_kernels``
+    on first need) and ATen's ops (called directly: the same computation as
+    ``torch.nn.functional``'s after normlab's own argument checks), chosen per call by
+    ``table`` (:func:`load_table`) and by whether the cell's kernels are ready (:class:`Warmup`).
+    """
 
     name = "auto"
 
-    def __init__(self, kernels, table: dict):
-        self.kernels, self.table = kernels, table
+    def __init__(self, load_kernels: Callable[[], object], table: dict,
+                 warmup: Warmup | None = None):
+        self._load, self.table = load_kernels, table
+        self._kernels = self._cpu = None
+        self.warmup = warmup if warmup is not None else Warmup()
 
-    def _aten(self, norm: str, layout: str, x: torch.Tensor, *tensors) -> bool:
-        """Whether ATen computes this call: the table says so for its cell, and every given
-        tensor has x's dtype."""
+    @property
+    def kernels(self):
+        """The ``cpu`` backend (imported on first use: Numba and the custom operators)."""
+        if self._kernels is None:
+            from . import cpu
+
+            self._kernels, self._cpu = self._load(), cpu
+        return self._kernels
+
+    def _aten(self, norm: str, layout: str, x: torch.Tensor, tensors: tuple,
+              call: Callable, keep: int = 1, like_x: int = 0) -> bool:
+        """Whether ATen computes this call: its cell's table entry says so, or its kernels are
+        not ready (then their warm-up starts, see :class:`Warmup`). Calls that ATen would
+        compute otherwise (a tensor of another dtype than x) always run the kernels. ``call``
+        makes the call on the kernels (``call(kernels, x, *tensors)``), ``keep`` is the number of
+        normalized dims of a row norm, the first ``like_x`` tensors have x's shape (the residual).
+        """
         dt = x.dtype
         grad = x.requires_grad
         for t in tensors:
@@ -99,27 +272,51 @@ class Auto:
                 if t.dtype is not dt:
                     return False
                 grad = grad or t.requires_grad
-        row = self.table.get((norm, layout, dt, grad and torch.is_grad_enabled()))
-        return row is not None and row[size_class(x.numel())]
+        train = grad and torch.is_grad_enabled()
+        numel = x.numel()
+        row = self.table.get((norm, layout, dt, train))
+        if torch.compiler.is_compiling():  # the table alone (static sizes), no warm-up
+            return row is not None and isinstance(numel, int) and row[size_class(numel)]
+        if row is not None and row[size_class(numel)]:
+            return True
+        if self._kernels is None:  # the cpu backend itself is the first thing to get ready
+            if not self.warmup.ready("load", lambda: lambda: self.kernels):
+                return True
+        cpu = self._cpu
+        parallel = cpu.uses_threads(numel)
+        key = (norm, layout, dt, train, parallel, None if layout == "rows" else x.shape[1])
+        if key in self.warmup._ready:
+            return False
+        if parallel:
+            cpu.start_pool()  # here, not in the warm-up thread (it sets torch's thread count)
+        return not self.warmup.ready(
+            key, lambda: _job(self, layout, x, tensors, call, keep, like_x, train, parallel))
 
     def layer_norm(self, x, normalized_shape, weight, bias, eps):
-        if self._aten("layer_norm", "rows", x, weight, bias):
+        if self._aten("layer_norm", "rows", x, (weight, bias),
+                      lambda k, x, w, b: k.layer_norm(x, normalized_shape, w, b, eps),
+                      len(normalized_shape)):
             return torch.layer_norm(x, normalized_shape, weight, bias, eps)
         return self.kernels.layer_norm(x, normalized_shape, weight, bias, eps)
 
     def rms_norm(self, x, normalized_shape, weight, eps):
-        if self._aten("rms_norm", "rows", x, weight):
+        if self._aten("rms_norm", "rows", x, (weight,),
+                      lambda k, x, w: k.rms_norm(x, normalized_shape, w, eps),
+                      len(normalized_shape)):
             return torch.rms_norm(x, normalized_shape, weight, eps)
         return self.kernels.rms_norm(x, normalized_shape, weight, eps)
 
     def group_norm(self, x, num_groups, weight, bias, eps):
-        if self._aten("group_norm", _channel_layout(x), x, weight, bias):
+        if self._aten("group_norm", _channel_layout(x), x, (weight, bias),
+                      lambda k, x, w, b: k.group_norm(x, num_groups, w, b, eps)):
             return torch.group_norm(x, num_groups, weight, bias, eps)
         return self.kernels.group_norm(x, num_groups, weight, bias, eps)
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         norm = "batch_norm" if training else "batch_norm_eval"
-        if self._aten(norm, _channel_layout(x), x, weight, bias, running_mean, running_var):
+        if self._aten(norm, _channel_layout(x), x, (weight, bias, running_mean, running_var),
+                      lambda k, x, w, b, rm, rv: k.batch_norm(x, rm, rv, w, b, training,
+                                                              momentum, eps)):
             return torch.batch_norm(x, weight, bias, running_mean, running_var, training,
                                     momentum, eps, True)
         return self.kernels.batch_norm(x, running_mean, running_var, weight, bias, training,
@@ -128,20 +325,51 @@ class Auto:
     def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats,
                       momentum, eps):
         norm = "instance_norm" if use_input_stats else "instance_norm_eval"
-        if self._aten(norm, _channel_layout(x), x, weight, bias, running_mean, running_var):
+        if self._aten(norm, _channel_layout(x), x, (weight, bias, running_mean, running_var),
+                      lambda k, x, w, b, rm, rv: k.instance_norm(x, rm, rv, w, b,
+                                                                 use_input_stats, momentum, eps)):
             return torch.instance_norm(x, weight, bias, running_mean, running_var,
                                        use_input_stats, momentum, eps, True)
         return self.kernels.instance_norm(x, running_mean, running_var, weight, bias,
                                           use_input_stats, momentum, eps)
 
     def add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
-        if self._aten("add_layer_norm", "rows", x, residual, weight, bias):
+        if self._aten("add_layer_norm", "rows", x, (residual, weight, bias),
+                      lambda k, x, r, w, b: k.add_layer_norm(x, r, normalized_shape, w, b, eps),
+                      len(normalized_shape), like_x=1):
             h = x + residual
             return torch.layer_norm(h, normalized_shape, weight, bias, eps), h
         return self.kernels.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
 
     def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
-        if self._aten("add_rms_norm", "rows", x, residual, weight):
+        if self._aten("add_rms_norm", "rows", x, (residual, weight),
+                      lambda k, x, r, w: k.add_rms_norm(x, r, normalized_shape, w, eps),
+                      len(normalized_shape), like_x=1):
             h = x + residual
             return torch.rms_norm(h, normalized_shape, weight, eps), h
         return self.kernels.add_rms_norm(x, residual, normalized_shape, weight, eps)
+
+
+def _job(auto: Auto, layout: str, x: torch.Tensor, tensors: tuple, call: Callable, keep: int,
+         like_x: int, train: bool, parallel: bool) -> Callable[[], None]:
+    """The warm-up of a cell: ``call(kernels, x, *tensors)`` on small tensors like the real
+    ones (fresh ones: the real buffers are never touched; each requires a gradient where the
+    real one does), forward and, for ``train``, backward, on the kernel version the real call
+    runs."""
+    def like(t, as_x):
+        if t is None:
+            return None
+        s = _small_like(t, layout, keep) if as_x else (torch.rand(t.shape) + 0.5).to(t.dtype)
+        return s.requires_grad_() if train and t.requires_grad else s
+    xs, small = like(x, True), [like(t, i < like_x) for i, t in enumerate(tensors)]
+    threads = torch.get_num_threads() if parallel else 1
+
+    def job():
+        kernels, cpu = auto.kernels, auto._cpu
+        with cpu.forced_threads(threads), torch.enable_grad() if train else torch.no_grad():
+            out = call(kernels, xs, *small)
+            if train:
+                outs = [o for o in (out if isinstance(out, tuple) else (out,))
+                        if o.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return job

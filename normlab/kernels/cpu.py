@@ -36,6 +36,8 @@ nothing. Numba's threads follow ``torch.get_num_threads()`` at each call. A seco
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -88,26 +90,56 @@ _forked = False  # this process was forked after Numba's (not fork-safe) pool ha
 _set: dict[int, int] = {}  # calling thread -> the torch thread count Numba's was last set from
 
 
+def uses_threads(work: int) -> bool:
+    """Whether a call over ``work`` elements runs the parallel kernels (no side effects)."""
+    return work >= _MIN_PARALLEL and not _forked and torch.get_num_threads() > 1
+
+
 def _threads(work: int) -> int:
     """The number of threads a call over ``work`` elements runs on: 1 (the serial kernels) or
     torch's intra-op thread count, which Numba's pool is set to. Numba's count is per calling
     thread, so it is set only when torch's count or the calling thread changed
-    (``numba.set_num_threads`` costs about 2 us)."""
-    if work < _MIN_PARALLEL or _forked:
+    (``numba.set_num_threads`` costs about 2 us). ``forced_threads`` overrides the choice in
+    one thread (the background warm-up of :mod:`.auto` compiles the version a call will run)."""
+    forced = _forced_threads.get()
+    if forced is not None:
+        n = forced
+    elif work < _MIN_PARALLEL or _forked:
         return 1
-    n = torch.get_num_threads()
-    if n < 2:
+    else:
+        n = torch.get_num_threads()
+    if n < 2 or _forked:
         return 1
     if not _pool_started:
         _start_pool()
-        if _forked:  # the pool could not be started safely (see _start_pool)
-            return 1
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     me = threading.get_ident()
     if _set.get(me) != n:
         numba.set_num_threads(n)
         _set[me] = n
     return n
+
+
+_forced_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "normlab_cpu_threads", default=None)
+
+
+@contextlib.contextmanager
+def forced_threads(n: int):
+    """Run every cpu-backend call in this block (this thread only) on ``n`` threads: the serial
+    kernels for 1, the parallel ones for more, whatever the input size."""
+    token = _forced_threads.set(n)
+    try:
+        yield
+    finally:
+        _forced_threads.reset(token)
+
+
+def start_pool() -> None:
+    """Start Numba's thread pool now (once; see :func:`_start_pool`), where the parallel kernels
+    can run: in the calling thread, before a background thread runs them."""
+    if not _pool_started and not _forked:
+        _start_pool()
 
 
 def _start_pool() -> None:

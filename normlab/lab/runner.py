@@ -34,6 +34,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import __version__
+from .._dispatch import synchronous_warmup
 from . import api, axes, experiments, report
 
 #: the experiments a single ``data`` path applies to (those that train on images)
@@ -78,6 +79,7 @@ def _existing(path, what: str) -> str:
     return str(path.resolve())
 
 
+@synchronous_warmup()  # no call runs on ATen because its kernel is still compiling
 def run_lab(names: Iterable[str] | None = None, out: str | os.PathLike = "normlab-lab",
             mode: str = "quick", seed: int = 0, data=None, progress: bool = True,
             rerun: bool = False) -> dict:
