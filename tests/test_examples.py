@@ -72,9 +72,11 @@ def test_groupnorm_ends_are_layernorm_and_instancenorm():
 def test_large_mean_fp32_beats_one_pass_error(offset):
     # fp32 rounding of the mean alone is ulp(offset)/2 = 4.9e-4 at 1e4 and 3.9e-3 at 1e5; the
     # corrected two-pass keeps the output within 1e-5 of float64 regardless.
+    # (normlab's kernels forced: auto hands a call this small to ATen, whose error is torch's)
     x = offset + torch.randn(16, 1000, generator=torch.Generator().manual_seed(1))
     ref = torch.nn.functional.layer_norm(x.double(), [1000])
-    err = (normlab.functional.layer_norm(x, 1000).double() - ref).abs().max().item()
+    with normlab.backend("cpu" if "cpu" in normlab.available_backends() else "reference"):
+        err = (normlab.functional.layer_norm(x, 1000).double() - ref).abs().max().item()
     assert err < 1e-5, err
 
 

@@ -2,7 +2,9 @@
 
 Every case is run three times on identical data (same values, same strides):
 
-* normlab (the default backend, which must be ``"reference"``),
+* normlab's own computation: the fused ``cpu`` backend (``"reference"`` without Numba),
+  forced unless the test forces one (``auto`` hands some cells to ATen, whose answer is
+  torch's: tests/test_auto.py),
 * torch.nn.functional in the input dtype (the peer normlab is a drop-in for),
 * torch.nn.functional in float64 on upcast copies (the "exact" answer), used for fp16/bf16
   inputs, where normlab (fp32 statistics, one rounding to the output dtype) must be *closer*
@@ -23,6 +25,7 @@ batch_norm backward is wrong for some ambiguously-strided inputs (see ``run_and_
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -42,6 +45,8 @@ DTYPES = [F64, F32, BF16, F16]
 LOW = (BF16, F16)
 NORMS = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"]
 
+# the backend whose computation is checked: normlab's kernels (the reference engine without them)
+OURS = "cpu" if "cpu" in normlab.available_backends() else "reference"
 # (atol, rtol) against torch in the same dtype.
 TORCH_TOL = {F64: (1e-10, 1e-10), F32: (1e-5, 1e-4), BF16: (1e-2, 1e-2), F16: (2e-3, 2e-3)}
 # (atol, rtol) against the float64 computation, for low-precision inputs: about one rounding
@@ -240,7 +245,9 @@ def run_and_compare(name, call, x, params, buffers, seed, backward=True, ref=Non
         pi = {k: _leaf(v if cdt is None else _cast(v, cdt), backward) for k, v in params.items()}
         bi = {k: (None if v is None else v.clone() if cdt is None else v.to(cdt).clone())
               for k, v in buffers.items()}
-        y = call(mod, xi, pi, bi)
+        forced = label == "normlab" and normlab.current_backend() == "auto"
+        with normlab.backend(OURS) if forced else contextlib.nullcontext():
+            y = call(mod, xi, pi, bi)
         grads = {}
         if backward:
             (y * (g if cdt is None else g.to(cdt))).sum().backward()

@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "time normlab's cpu kernels against ATen through normlab.functional, interleaved, on"
         " one input per cell of auto's table (norm, layout, dtype, size class, pass), and"
         " write the table auto reads (--table). Takes --dtypes (default: all four), --quick"
-        " (two size classes), --rounds, --time-budget, --out and --no-progress")
+        " (two size classes), --rounds, --time-budget, --out, --no-progress and --from-csv"
+        " (merge earlier runs: each cell's ratio the geometric mean of its runs')")
     disp.add_argument("--dispatch", action="store_true",
                       help="time the cells of auto's kernels-or-ATen table")
     disp.add_argument("--dispatch-norms", type=_list("norm", auto.NORMS), default=None,
@@ -228,13 +229,13 @@ def dispatch_main(args: argparse.Namespace,
     """``normlab bench --dispatch`` (:mod:`.dispatch`); kernel-bench and model options other
     than --dtypes are a parser error."""
     given = [_flag(k) for k, v in {**_KERNEL_ONLY, **_MODELS_ONLY}.items()
-             if k != "dtypes" and getattr(args, k, v) != v]
+             if k not in ("dtypes", "from_csv") and getattr(args, k, v) != v]
     if getattr(args, "backend", None) is not None:
         given.append("--backend")
     if given:
         msg = (f"{', '.join(given)} cannot be used with --dispatch (it times the cpu kernels"
                " against ATen on its own grid); --dispatch takes --dispatch-norms, --dtypes,"
-               " --table, --quick, --rounds, --time-budget, --out, --no-progress")
+               " --table, --quick, --rounds, --time-budget, --out, --no-progress, --from-csv")
         if parser is None:
             raise ValueError(msg)
         parser.error(msg)

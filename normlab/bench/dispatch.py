@@ -7,7 +7,8 @@ with ``normlab.backend("cpu")`` (the fused kernels) and with ``normlab.backend("
 alternating), a sample repeating the call until it lasts ``min_time_s``. The cell's ratio is
 ATen's median time over the kernels'; the kernels are chosen where it is above 1. A cell whose
 ratio is within ``recheck`` of 1 is timed again with twice the rounds and decided on all its
-samples (this VM's noise is 10-30% per cell).
+samples (this VM's noise is 10-30% per cell). ``--from-csv`` merges runs: a cell's ratio
+becomes the geometric mean of its runs' (the committed table merges two full runs).
 
 ``fwd`` runs under ``torch.no_grad()``; ``train`` is the forward with x and the parameters
 requiring gradients, then ``backward`` (fresh gradients each call). Parameters and running
@@ -228,6 +229,25 @@ def table(timings: Sequence[Timing], previous: dict | None = None) -> dict:
     }
 
 
+def from_csv(paths: Sequence[str]) -> list[Timing]:
+    """The timings of earlier runs, one per cell: a cell timed in several runs gets the
+    geometric means of its times (so its ratio is the geometric mean of the runs' ratios)."""
+    by: dict[Cell, list] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                cell = Cell(row["norm"], row["layout"], row["dtype"], int(row["size_class"]),
+                            row["pass"])
+                by.setdefault(cell, []).append(
+                    (float(row["kernels_ms"]), float(row["aten_ms"]), int(row["rounds"])))
+    out = []
+    for cell, runs in by.items():
+        k = math.exp(statistics.fmean(math.log(r[0]) for r in runs))
+        a = math.exp(statistics.fmean(math.log(r[1]) for r in runs))
+        out.append(Timing(cell, k, a, sum(r[2] for r in runs)))
+    return out
+
+
 def to_csv(timings: Sequence[Timing], path: str) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -290,8 +310,12 @@ def main(args) -> int:
             to_csv(done, paths[0])
             with open(paths[1], "w") as f:
                 f.write(to_markdown(done))
-    timings = run(grid, rounds, progress=args.progress, time_budget_s=args.time_budget,
-                  on_cell=save)
+    if args.from_csv:  # time nothing: merge earlier runs
+        timings = from_csv([f for f in args.from_csv.split(",") if f])
+        save(timings)
+    else:
+        timings = run(grid, rounds, progress=args.progress, time_budget_s=args.time_budget,
+                      on_cell=save)
     save(timings)
     print(to_markdown(timings))
     if args.table:

@@ -235,16 +235,17 @@ os.register_at_fork(before=_before_fork, after_in_parent=lambda: _after_fork(Fal
 
 class Auto:
     """The backend interface on two backends, the ``cpu`` kernels (loaded by ``load_kernels``
-    on first need) and ATen's ops (called directly: the same computation as
-    ``torch.nn.functional``'s after normlab's own argument checks), chosen per call by
+    on first need) and ``aten`` (the ``torch`` backend: ATen's operators), chosen per call by
     ``table`` (:func:`load_table`) and by whether the cell's kernels are ready (:class:`Warmup`).
     """
 
     name = "auto"
 
     def __init__(self, load_kernels: Callable[[], object], table: dict,
-                 warmup: Warmup | None = None):
-        self._load, self.table = load_kernels, table
+                 warmup: Warmup | None = None, aten=None):
+        from .torch_ops import BACKEND as _ATEN
+
+        self._load, self.table, self.aten = load_kernels, table, aten or _ATEN
         self._kernels = self._cpu = None
         self.warmup = warmup if warmup is not None else Warmup()
 
@@ -274,6 +275,8 @@ class Auto:
                 grad = grad or t.requires_grad
         train = grad and torch.is_grad_enabled()
         numel = x.numel()
+        if numel == 0:  # (the kernels' backend answers empty inputs with the reference engine)
+            return False
         row = self.table.get((norm, layout, dt, train))
         if torch.compiler.is_compiling():  # the table alone (static sizes), no warm-up
             return row is not None and isinstance(numel, int) and row[size_class(numel)]
@@ -296,20 +299,20 @@ class Auto:
         if self._aten("layer_norm", "rows", x, (weight, bias),
                       lambda k, x, w, b: k.layer_norm(x, normalized_shape, w, b, eps),
                       len(normalized_shape)):
-            return torch.layer_norm(x, normalized_shape, weight, bias, eps)
+            return self.aten.layer_norm(x, normalized_shape, weight, bias, eps)
         return self.kernels.layer_norm(x, normalized_shape, weight, bias, eps)
 
     def rms_norm(self, x, normalized_shape, weight, eps):
         if self._aten("rms_norm", "rows", x, (weight,),
                       lambda k, x, w: k.rms_norm(x, normalized_shape, w, eps),
                       len(normalized_shape)):
-            return torch.rms_norm(x, normalized_shape, weight, eps)
+            return self.aten.rms_norm(x, normalized_shape, weight, eps)
         return self.kernels.rms_norm(x, normalized_shape, weight, eps)
 
     def group_norm(self, x, num_groups, weight, bias, eps):
         if self._aten("group_norm", _channel_layout(x), x, (weight, bias),
                       lambda k, x, w, b: k.group_norm(x, num_groups, w, b, eps)):
-            return torch.group_norm(x, num_groups, weight, bias, eps)
+            return self.aten.group_norm(x, num_groups, weight, bias, eps)
         return self.kernels.group_norm(x, num_groups, weight, bias, eps)
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -317,8 +320,8 @@ class Auto:
         if self._aten(norm, _channel_layout(x), x, (weight, bias, running_mean, running_var),
                       lambda k, x, w, b, rm, rv: k.batch_norm(x, rm, rv, w, b, training,
                                                               momentum, eps)):
-            return torch.batch_norm(x, weight, bias, running_mean, running_var, training,
-                                    momentum, eps, True)
+            return self.aten.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                        momentum, eps)
         return self.kernels.batch_norm(x, running_mean, running_var, weight, bias, training,
                                        momentum, eps)
 
@@ -328,8 +331,8 @@ class Auto:
         if self._aten(norm, _channel_layout(x), x, (weight, bias, running_mean, running_var),
                       lambda k, x, w, b, rm, rv: k.instance_norm(x, rm, rv, w, b,
                                                                  use_input_stats, momentum, eps)):
-            return torch.instance_norm(x, weight, bias, running_mean, running_var,
-                                       use_input_stats, momentum, eps, True)
+            return self.aten.instance_norm(x, running_mean, running_var, weight, bias,
+                                           use_input_stats, momentum, eps)
         return self.kernels.instance_norm(x, running_mean, running_var, weight, bias,
                                           use_input_stats, momentum, eps)
 
@@ -337,16 +340,14 @@ class Auto:
         if self._aten("add_layer_norm", "rows", x, (residual, weight, bias),
                       lambda k, x, r, w, b: k.add_layer_norm(x, r, normalized_shape, w, b, eps),
                       len(normalized_shape), like_x=1):
-            h = x + residual
-            return torch.layer_norm(h, normalized_shape, weight, bias, eps), h
+            return self.aten.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
         return self.kernels.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
 
     def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         if self._aten("add_rms_norm", "rows", x, (residual, weight),
                       lambda k, x, r, w: k.add_rms_norm(x, r, normalized_shape, w, eps),
                       len(normalized_shape), like_x=1):
-            h = x + residual
-            return torch.rms_norm(h, normalized_shape, weight, eps), h
+            return self.aten.add_rms_norm(x, residual, normalized_shape, weight, eps)
         return self.kernels.add_rms_norm(x, residual, normalized_shape, weight, eps)
 
 

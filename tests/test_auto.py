@@ -1,5 +1,6 @@
-"""``auto``'s background warm-up: ATen computes a cell's calls until the cpu kernels are ready,
-synchronous mode, failures, fork during a warm-up, and no torch._dynamo at import."""
+"""``auto`` on CPU: the committed kernels-or-ATen table, and the background warm-up (ATen
+computes a cell's calls until the cpu kernels are ready, synchronous mode, failures, fork during
+a warm-up, no torch._dynamo at import)."""
 from __future__ import annotations
 
 import subprocess
@@ -13,6 +14,41 @@ import normlab
 import normlab.functional as NF
 from normlab import _dispatch
 from normlab.kernels import auto
+
+
+def test_the_committed_table_covers_every_cell():
+    """cpu_dispatch.json parses, names only known cells, and has a choice for every
+    (norm, layout, dtype, pass) that normlab bench --dispatch measures."""
+    from normlab.bench import dispatch
+
+    table = auto.load_table()
+    want = {(c.norm, c.layout, auto.DTYPES[c.dtype], c.pass_ == "train")
+            for c in dispatch.cells()}
+    assert set(table) == want
+    assert all(len(row) == len(auto.CLASS_EDGES) + 1 for row in table.values())
+    # the figures behind it: RMSNorm's kernels win everywhere in float32 (torch's RMSNorm is
+    # unfused on CPU), small LayerNorm forwards go to ATen
+    assert not any(table[("rms_norm", "rows", torch.float32, False)])
+    assert table[("layer_norm", "rows", torch.float32, False)][0]
+
+
+def test_a_bad_table_is_an_error(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text('{"choices": {"layer_norm/rows/float32/fwd": "kkq"}}')
+    with pytest.raises(ValueError, match="bad dispatch table entry"):
+        auto.load_table(bad)
+    assert auto.load_table(tmp_path / "missing.json") == {}
+
+
+def test_auto_follows_the_table_in_the_default_dispatch():
+    """A small LayerNorm under auto is ATen's (bitwise); a large RMSNorm is the kernels'."""
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(NF.layer_norm(x, (64,)), torch.layer_norm(x, (64,), None, None, 1e-5))
+        big = torch.randn(256, 1024)
+        with normlab.backend("cpu"):
+            want = NF.rms_norm(big, (1024,))
+        assert torch.equal(NF.rms_norm(big, (1024,)), want)
 
 
 def fresh(background=True, table=None):
@@ -90,7 +126,7 @@ def test_a_failing_warm_up_warns_once_and_leaves_the_cell_on_aten(monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernels today")
-    monkeypatch.setattr(type(a.kernels), "instance_norm", broken)
+    monkeypatch.setattr(a.kernels, "instance_norm", broken)
     x = torch.randn(2, 3, 4, 4)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
