@@ -24,24 +24,20 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 _FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
-def _vector_of(t, n: int) -> bool:
-    """t is None, or a floating tensor of n elements."""
-    return t is None or (isinstance(t, torch.Tensor) and t.dtype in _FLOATING and t.numel() == n)
-
-
 def row_norm(fn: str, x, given_shape, weight, bias=None) -> tuple[int, ...]:
     """The checks of layer_norm/rms_norm (and their add variants): ``x`` a floating tensor whose
     trailing dims are the normalized shape ``given_shape``, ``weight``/``bias`` of that shape.
     Returns the normalized shape as a tuple."""
-    shape = given_shape
-    if type(shape) is int:
-        shape = (shape,)
-    if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int \
-            and isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.dim() >= 1 \
-            and x.shape[-1] == shape[0] \
-            and (weight is None or (_vector_of(weight, shape[0]) and weight.dim() == 1)) \
-            and (bias is None or (_vector_of(bias, shape[0]) and bias.dim() == 1)):
-        return shape
+    shape = (given_shape,) if type(given_shape) is int else given_shape
+    try:  # the fast path: one normalized dim (an AttributeError: not a tensor, full checks)
+        if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int \
+                and isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.ndim \
+                and x.shape[-1] == shape[0] \
+                and (weight is None or (weight.dtype in _FLOATING and weight.shape == shape)) \
+                and (bias is None or (bias.dtype in _FLOATING and bias.shape == shape)):
+            return shape
+    except AttributeError:
+        pass
     floating_input(fn, x, 1, "(*, *normalized_shape)")
     shape = normalized_shape(fn, x, given_shape)
     same_shape(fn, shape, weight=weight, bias=bias)
@@ -52,11 +48,18 @@ def channel_norm(fn: str, x, weight=None, bias=None, running_mean=None,
                  running_var=None) -> None:
     """The checks of batch_norm/instance_norm/group_norm: ``x`` a floating ``(N, C, *)`` tensor,
     each given tensor one floating value per channel."""
-    if isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.dim() >= 2:
-        c = x.shape[1]
-        if _vector_of(weight, c) and _vector_of(bias, c) and _vector_of(running_mean, c) \
-                and _vector_of(running_var, c):
-            return
+    try:  # the fast path (an AttributeError: not a tensor, full checks)
+        if isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.ndim >= 2:
+            c = x.shape[1]
+            if (weight is None or (weight.dtype in _FLOATING and weight.numel() == c)) \
+                    and (bias is None or (bias.dtype in _FLOATING and bias.numel() == c)) \
+                    and (running_mean is None or (running_mean.dtype in _FLOATING
+                                                  and running_mean.numel() == c)) \
+                    and (running_var is None or (running_var.dtype in _FLOATING
+                                                 and running_var.numel() == c)):
+                return
+    except AttributeError:
+        pass
     floating_input(fn, x, 2, "(N, C, *)")
     per_channel(fn, x, weight=weight, bias=bias, running_mean=running_mean,
                 running_var=running_var)
@@ -142,6 +145,8 @@ def positive_eps_in_training(fn: str, eps: float) -> None:
 
 
 def momentum(fn: str, value) -> float:
+    if type(value) is float:
+        return value
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"{fn}: momentum must be a float, got {value!r}; momentum=None (a cumulative "

@@ -112,7 +112,7 @@ def get_backend(x: torch.Tensor | None = None):
     if torch.compiler.is_compiling():
         name = _forced_name or _auto_name(None if x is None else x.device.type)
         if _forced_name is None and name == "cpu":
-            return _cpu_auto  # made, with its kernels loaded, by _auto_name
+            return _cpu_auto.compiled  # made, with its kernels loaded, by _auto_name
         return _loaded[name]
     name = _forced.get()
     if name is not None:
@@ -185,7 +185,7 @@ def _auto_name(device_type: str | None) -> str:
     name = _auto_for(device_type)
     _load(name)
     if name == "cpu":
-        (_cpu_auto or _make_cpu_auto()).kernels
+        (_cpu_auto or _make_cpu_auto()).compiled
     return name
 
 

@@ -81,7 +81,7 @@ def batch_norm(
             fn, input, input.shape[0] * _checks.spatial_count(input), "value per channel"
         )
         _checks.positive_eps_in_training(fn, eps)
-    else:
+    elif running_mean is None or running_var is None:
         _checks.given(
             fn, "in evaluation mode (training=False)",
             running_mean=running_mean, running_var=running_var,

@@ -235,9 +235,9 @@ os.register_at_fork(before=_before_fork, after_in_parent=lambda: _after_fork(Fal
 
 class Auto:
     """The backend interface on two backends, the ``cpu`` kernels (loaded by ``load_kernels``
-    on first need) and ``aten`` (the ``torch`` backend: ATen's operators), chosen per call by
-    ``table`` (:func:`load_table`) and by whether the cell's kernels are ready (:class:`Warmup`).
-    """
+    on first need) and ``aten`` (the ``torch`` backend: ATen's operators, which the norms with
+    a single ATen operator call directly, a Python call less), chosen per call by ``table``
+    (:func:`load_table`) and by whether the cell's kernels are ready (:class:`Warmup`)."""
 
     name = "auto"
 
@@ -248,6 +248,18 @@ class Auto:
         self._load, self.table, self.aten = load_kernels, table, aten or _ATEN
         self._kernels = self._cpu = None
         self.warmup = warmup if warmup is not None else Warmup()
+        self.compiling = False  # True on the twin that torch.compile traces (see compiled)
+        self._compiled = None
+
+    @property
+    def compiled(self) -> "Auto":
+        """The same choice for ``torch.compile`` to trace: the table alone, no warm-up (the
+        compiled graph calls ATen's operators or the kernels' registered ones)."""
+        if self._compiled is None:
+            twin = Auto(self._load, self.table, self.warmup, self.aten)
+            twin._kernels, twin._cpu, twin.compiling = self.kernels, self._cpu, True
+            self._compiled = twin
+        return self._compiled
 
     @property
     def kernels(self):
@@ -278,10 +290,12 @@ class Auto:
         if numel == 0:  # (the kernels' backend answers empty inputs with the reference engine)
             return False
         row = self.table.get((norm, layout, dt, train))
-        if torch.compiler.is_compiling():  # the table alone (static sizes), no warm-up
+        if self.compiling:  # the table alone (static sizes), no warm-up
             return row is not None and isinstance(numel, int) and row[size_class(numel)]
-        if row is not None and row[size_class(numel)]:
-            return True
+        if row is not None:
+            k = (numel.bit_length() - 11) >> 1  # size_class, inlined
+            if row[0 if k < 0 else (k if k < 7 else 7)]:
+                return True
         if self._kernels is None:  # the cpu backend itself is the first thing to get ready
             if not self.warmup.ready("load", lambda: lambda: self.kernels):
                 return True
@@ -299,14 +313,14 @@ class Auto:
         if self._aten("layer_norm", "rows", x, (weight, bias),
                       lambda k, x, w, b: k.layer_norm(x, normalized_shape, w, b, eps),
                       len(normalized_shape)):
-            return self.aten.layer_norm(x, normalized_shape, weight, bias, eps)
+            return torch.layer_norm(x, normalized_shape, weight, bias, eps, True)
         return self.kernels.layer_norm(x, normalized_shape, weight, bias, eps)
 
     def rms_norm(self, x, normalized_shape, weight, eps):
         if self._aten("rms_norm", "rows", x, (weight,),
                       lambda k, x, w: k.rms_norm(x, normalized_shape, w, eps),
                       len(normalized_shape)):
-            return self.aten.rms_norm(x, normalized_shape, weight, eps)
+            return torch.rms_norm(x, normalized_shape, weight, eps)
         return self.kernels.rms_norm(x, normalized_shape, weight, eps)
 
     def group_norm(self, x, num_groups, weight, bias, eps):
@@ -320,8 +334,8 @@ class Auto:
         if self._aten(norm, _channel_layout(x), x, (weight, bias, running_mean, running_var),
                       lambda k, x, w, b, rm, rv: k.batch_norm(x, rm, rv, w, b, training,
                                                               momentum, eps)):
-            return self.aten.batch_norm(x, running_mean, running_var, weight, bias, training,
-                                        momentum, eps)
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, training,
+                                    momentum, eps, True)
         return self.kernels.batch_norm(x, running_mean, running_var, weight, bias, training,
                                        momentum, eps)
 
@@ -331,8 +345,8 @@ class Auto:
         if self._aten(norm, _channel_layout(x), x, (weight, bias, running_mean, running_var),
                       lambda k, x, w, b, rm, rv: k.instance_norm(x, rm, rv, w, b,
                                                                  use_input_stats, momentum, eps)):
-            return self.aten.instance_norm(x, running_mean, running_var, weight, bias,
-                                           use_input_stats, momentum, eps)
+            return torch.instance_norm(x, weight, bias, running_mean, running_var,
+                                       use_input_stats, momentum, eps, True)
         return self.kernels.instance_norm(x, running_mean, running_var, weight, bias,
                                           use_input_stats, momentum, eps)
 
