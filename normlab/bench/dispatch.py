@@ -1,18 +1,22 @@
 r"""``normlab bench --dispatch``: the figures behind ``auto``'s choice on CPU.
 
 For every cell of :mod:`normlab.kernels.auto`'s table, (norm, layout, dtype, size class, pass),
-one representative input (:func:`shape_of`) is run through normlab's functional layer twice,
+two inputs of the class's size that differ in shape (:func:`shape_of`: 64 and 256 channels,
+rows of 1024 and 4096) are each run through normlab's functional layer twice,
 with ``normlab.backend("cpu")`` (the fused kernels) and with ``normlab.backend("torch")``
 (ATen), interleaved: a warm-up call each, then ``rounds`` rounds that each time both (the order
 alternating), a sample repeating the call until it lasts ``min_time_s``. The cell's ratio is
-ATen's median time over the kernels'; the kernels are chosen where it is above 1. A cell whose
+ATen's median time over the kernels'; the kernels are chosen for the cell where the geometric
+mean of its shapes' ratios is above 1 and neither is below 0.9 (a shape in a class can favour
+the other side: the rule leans towards ATen, never much slower than it). A shape whose
 ratio is within ``recheck`` of 1 is timed again with twice the rounds and decided on all its
 samples (this VM's noise is 10-30% per cell). ``--from-csv`` merges runs: a cell's ratio
 becomes the geometric mean of its runs' (the committed table merges two full runs).
 
 ``fwd`` runs under ``torch.no_grad()``; ``train`` is the forward with x and the parameters
-requiring gradients, then ``backward`` (fresh gradients each call). Parameters and running
-statistics have the input's dtype (mixed dtypes never go to ATen).
+requiring gradients, then ``backward`` with an upstream gradient in x's memory layout (fresh
+gradients each call). Parameters and running statistics have the input's dtype (mixed dtypes
+never go to ATen).
 """
 from __future__ import annotations
 
@@ -42,27 +46,36 @@ LAYOUTS.update({"batch_norm": ("nchw", "channels_last", "nc"),
                 "instance_norm": ("nchw", "channels_last"),
                 "instance_norm_eval": ("nchw", "channels_last"),
                 "group_norm": ("nchw", "channels_last")})
-ROW_D = 1024  # the row norms' normalized size in every class
+ROW_D = (1024, 4096)  # the row norms' normalized size, one per shape of a class
 GROUPS = 32
-# (N, C, H, W) per size class: CNN activations of 2K to 16M elements (C a multiple of 32)
-IMAGES = ((1, 32, 8, 8), (1, 128, 8, 8), (2, 64, 16, 16), (1, 128, 32, 32), (8, 64, 32, 32),
-          (8, 64, 64, 64), (32, 64, 64, 64), (32, 128, 64, 64))
+# (N, C, H, W) per size class, two shapes each (64 and 256 channels, a multiple of 32 for
+# GroupNorm): CNN activations of 2K to 16M elements
+IMAGES = (((1, 32, 8, 8), (2, 256, 2, 2)), ((2, 64, 8, 8), (1, 512, 4, 4)),
+          ((2, 64, 16, 16), (2, 256, 8, 8)), ((2, 64, 32, 32), (2, 256, 16, 16)),
+          ((8, 64, 32, 32), (8, 256, 16, 16)), ((8, 64, 64, 64), (8, 256, 32, 32)),
+          ((32, 64, 64, 64), (32, 256, 32, 32)), ((32, 128, 64, 64), (64, 256, 32, 32)))
 # (N, C) per size class: BatchNorm1d in an MLP
-VECTORS = ((16, 128), (32, 256), (64, 512), (128, 1024), (256, 2048), (512, 4096), (1024, 8192),
-           (2048, 8192))
+VECTORS = (((16, 128), (4, 512)), ((32, 256), (8, 1024)), ((64, 512), (16, 2048)),
+           ((128, 1024), (32, 4096)), ((256, 2048), (64, 8192)), ((512, 4096), (128, 16384)),
+           ((1024, 8192), (256, 32768)), ((2048, 8192), (512, 32768)))
+VARIANTS = (0, 1)
 QUICK_CLASSES = (0, 2)
 
 
-def shape_of(norm: str, layout: str, size_class: int) -> tuple[int, ...]:
-    """The input shape that stands for a size class (its geometric middle, 16M for the last).
+def shape_of(norm: str, layout: str, size_class: int, variant: int = 0) -> tuple[int, ...]:
+    """Input shape ``variant`` (0 or 1) of a size class, near its geometric middle (16M for the
+    last class).
 
-    >>> shape_of("layer_norm", "rows", 2), shape_of("batch_norm", "nc", 0)
-    ((32, 1024), (16, 128))
+    >>> shape_of("layer_norm", "rows", 2), shape_of("layer_norm", "rows", 2, 1)
+    ((32, 1024), (8, 4096))
+    >>> shape_of("batch_norm", "nc", 0), shape_of("group_norm", "nchw", 3, 1)
+    ((16, 128), (2, 256, 16, 16))
     """
     if layout == "rows":
         numel = 1 << (2 * size_class + 11) if size_class < 7 else 1 << 24
-        return (max(1, numel // ROW_D), ROW_D)
-    return VECTORS[size_class] if layout == "nc" else IMAGES[size_class]
+        d = min(ROW_D[variant], numel)
+        return (max(1, numel // d), d)
+    return (VECTORS if layout == "nc" else IMAGES)[size_class][variant]
 
 
 @dataclass(frozen=True)
@@ -72,10 +85,11 @@ class Cell:
     dtype: str
     size_class: int
     pass_: str
+    variant: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return shape_of(self.norm, self.layout, self.size_class)
+        return shape_of(self.norm, self.layout, self.size_class, self.variant)
 
     @property
     def key(self) -> str:
@@ -98,9 +112,12 @@ class Timing:
         """ATen's time over the kernels' (> 1: the kernels are faster)."""
         return self.aten_ms / self.kernels_ms
 
-    @property
-    def choice(self) -> str:
-        return auto.KERNELS if self.ratio > 1 else auto.ATEN
+
+def choose(ratios: Sequence[float]) -> str:
+    """A cell's choice from its shapes' ratios (ATen time / kernels time): the kernels where
+    the geometric mean is above 1 and no ratio below 0.9."""
+    gm = math.exp(statistics.fmean(math.log(r) for r in ratios))
+    return auto.KERNELS if gm > 1 and min(ratios) >= 0.9 else auto.ATEN
 
 
 def cells(norms: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
@@ -112,7 +129,8 @@ def cells(norms: Sequence[str] | None = None, dtypes: Sequence[str] | None = Non
             for layout in LAYOUTS[norm]:
                 for pass_ in passes or auto.PASSES:
                     for k in classes if classes is not None else range(len(auto.CLASS_EDGES) + 1):
-                        out.append(Cell(norm, layout, dtype, k, pass_))
+                        for v in VARIANTS:
+                            out.append(Cell(norm, layout, dtype, k, pass_, v))
     return out
 
 
@@ -152,6 +170,8 @@ def _call(cell: Cell, seed: int = 0) -> Callable[[], None]:
                 fn()
         return step
     dy = torch.randn(shape, generator=g).to(dt)
+    if cell.layout == "channels_last":  # the upstream gradient of a channels_last model
+        dy = dy.contiguous(memory_format=torch.channels_last)
 
     def step():
         for t in leaves:
@@ -210,14 +230,21 @@ def run(grid: Sequence[Cell], rounds: int = 7, progress: bool = True,
     return out
 
 
+def choices(timings: Sequence[Timing]) -> dict[tuple[str, int], str]:
+    """``{(cell key, size class): choice}`` over the shapes timed for each class."""
+    ratios: dict = {}
+    for t in timings:
+        ratios.setdefault((t.cell.key, t.cell.size_class), []).append(t.ratio)
+    return {k: choose(v) for k, v in ratios.items()}
+
+
 def table(timings: Sequence[Timing], previous: dict | None = None) -> dict:
     """The table file's contents: ``choices`` per ``norm/layout/dtype/pass``, one character per
     size class; classes not measured keep ``previous``'s choice (else the kernels)."""
     n = len(auto.CLASS_EDGES) + 1
     rows = {k: list(v) for k, v in (previous or {}).get("choices", {}).items()}
-    for t in timings:
-        row = rows.setdefault(t.cell.key, [auto.KERNELS] * n)
-        row[t.cell.size_class] = t.choice
+    for (key, k), choice in choices(timings).items():
+        rows.setdefault(key, [auto.KERNELS] * n)[k] = choice
     return {
         "generated": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": f"{machine()}, {torch.get_num_threads()} torch threads",
@@ -225,6 +252,8 @@ def table(timings: Sequence[Timing], previous: dict | None = None) -> dict:
         "command": "normlab bench --dispatch",
         "classes": "size class k < 7 holds inputs of fewer than "
                    + ", ".join(str(e) for e in auto.CLASS_EDGES) + " elements; 7 the rest",
+        "rule": "kernels where the geometric mean of a class's shapes' ATen/kernels time ratios"
+                " is above 1 and none is below 0.9",
         "choices": {k: "".join(v) for k, v in sorted(rows.items())},
     }
 
@@ -237,7 +266,7 @@ def from_csv(paths: Sequence[str]) -> list[Timing]:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 cell = Cell(row["norm"], row["layout"], row["dtype"], int(row["size_class"]),
-                            row["pass"])
+                            row["pass"], int(row.get("variant", 0)))
                 by.setdefault(cell, []).append(
                     (float(row["kernels_ms"]), float(row["aten_ms"]), int(row["rounds"])))
     out = []
@@ -251,45 +280,47 @@ def from_csv(paths: Sequence[str]) -> list[Timing]:
 def to_csv(timings: Sequence[Timing], path: str) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["norm", "layout", "dtype", "pass", "size_class", "shape", "kernels_ms",
-                    "aten_ms", "aten_over_kernels", "choice", "rounds"])
+        w.writerow(["norm", "layout", "dtype", "pass", "size_class", "variant", "shape",
+                    "kernels_ms", "aten_ms", "aten_over_kernels", "rounds"])
         for t in timings:
             c = t.cell
-            w.writerow([c.norm, c.layout, c.dtype, c.pass_, c.size_class,
+            w.writerow([c.norm, c.layout, c.dtype, c.pass_, c.size_class, c.variant,
                         "x".join(map(str, c.shape)), f"{t.kernels_ms:.5g}", f"{t.aten_ms:.5g}",
-                        f"{t.ratio:.4g}", t.choice, t.rounds])
+                        f"{t.ratio:.4g}", t.rounds])
 
 
 def to_markdown(timings: Sequence[Timing]) -> str:
-    """A table per dtype and pass: ATen's time over the kernels' per (norm, layout) and size
-    class (bold: the kernels are chosen)."""
+    """A table per dtype and pass: per (norm, layout) and size class, the ATen/kernels time
+    ratios of the class's shapes (bold: the kernels are chosen)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    shapes = lambda pairs: ", ".join("/".join("x".join(map(str, s)) for s in p) for p in pairs)
     lines = [f"- machine: {machine()}; torch threads: {torch.get_num_threads()}",
              f"- {versions()}",
              f"- 1-minute load average at the end: {load:.2f}",
-             "- cell: ATen's median time / the kernels' (> 1: the kernels are faster and "
-             "`auto` runs them, **bold**); representative shapes: rows (M, 1024), images "
-             + ", ".join("x".join(map(str, s)) for s in IMAGES) + "; (N, C): "
-             + ", ".join("x".join(map(str, s)) for s in VECTORS), ""]
-    by = {}
+             "- cell: ATen's median time / the kernels' for each of the class's two shapes (> 1:"
+             " the kernels are faster); **bold**: `auto` runs the kernels (geometric mean above"
+             " 1, neither below 0.9)",
+             f"- shapes per class: rows (M, 1024) / (M, 4096); images {shapes(IMAGES)}; (N, C)"
+             f" {shapes(VECTORS)}", ""]
+    by: dict = {}
     for t in timings:
         by.setdefault((t.cell.dtype, t.cell.pass_), {}).setdefault(
-            (t.cell.norm, t.cell.layout), {})[t.cell.size_class] = t
+            (t.cell.norm, t.cell.layout), {}).setdefault(t.cell.size_class, []).append(t)
     n = len(auto.CLASS_EDGES) + 1
     for (dtype, pass_), rows in by.items():
         lines += [f"### {dtype}, {pass_}", "",
                   "| norm | layout | " + " | ".join(f"class {k}" for k in range(n)) + " |",
                   "|---|---|" + "---|" * n]
         for (norm, layout), row in rows.items():
-            cells_ = []
+            out = []
             for k in range(n):
-                t = row.get(k)
-                if t is None:
-                    cells_.append("-")
-                else:
-                    v = f"{t.ratio:.2f}"
-                    cells_.append(f"**{v}**" if t.choice == auto.KERNELS else v)
-            lines.append(f"| {norm} | {layout} | " + " | ".join(cells_) + " |")
+                ts = sorted(row.get(k, []), key=lambda t: t.cell.variant)
+                if not ts:
+                    out.append("-")
+                    continue
+                v = " / ".join(f"{t.ratio:.2f}" for t in ts)
+                out.append(f"**{v}**" if choose([t.ratio for t in ts]) == auto.KERNELS else v)
+            lines.append(f"| {norm} | {layout} | " + " | ".join(out) + " |")
         lines.append("")
     return "\n".join(lines)
 

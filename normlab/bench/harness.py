@@ -642,6 +642,26 @@ def _info(config: Config, timer) -> dict:
                 timing=timer.label, copy_mib=config.copy_mib, versions=versions())
 
 
+def interleaved(steps: dict, reps: dict, rounds: int, timer, errors: dict) -> dict:
+    """``rounds`` rounds that each time every peer's step once (``reps`` calls per sample),
+    the order rotated every round; ``{peer: [seconds per call, ...]}``. A peer whose step
+    raises is dropped from ``steps`` and its reason put in ``errors``."""
+    samples = {peer: [] for peer in steps}
+    order = list(steps)
+    for r in range(rounds):
+        if not order:
+            break
+        k = r % len(order)  # rotate who goes first
+        for peer in order[k:] + order[:k]:
+            try:
+                samples[peer].append(timer.sample(steps[peer], reps[peer]))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory on a later call
+                errors[peer] = _reason(e)
+                order.remove(peer)
+                del steps[peer]
+    return samples
+
+
 def time_cell(cell: Cell, config: Config, copy_gbps: float, timer=None,
               cache: dict | None = None) -> list[Result]:
     """Time every peer of ``config`` that has ``cell``'s norm, interleaved round-robin; one
@@ -678,19 +698,7 @@ def time_cell(cell: Cell, config: Config, copy_gbps: float, timer=None,
             errors[peer] = _reason(e)
             del steps[peer]
 
-    samples = {peer: [] for peer in steps}
-    order = list(steps)
-    for r in range(config.rounds):
-        if not order:
-            break
-        k = r % len(order)  # rotate who goes first
-        for peer in order[k:] + order[:k]:
-            try:
-                samples[peer].append(timer.sample(steps[peer], reps[peer]))
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory on a later call
-                errors[peer] = _reason(e)
-                order.remove(peer)
-                del steps[peer]
+    samples = interleaved(steps, reps, config.rounds, timer, errors)
 
     diffs = {}
     checked = [p for p in ("normlab", "liger") if p in steps]

@@ -48,7 +48,7 @@ from normlab._dispatch import synchronous_warmup
 from normlab._patch import TWINS
 
 from . import models as zoo
-from .harness import CpuTimer, _default_backend, _names, _reason
+from .harness import CpuTimer, _default_backend, _names, _reason, interleaved
 from .progress import progress_bar
 from .report import machine, versions
 
@@ -488,19 +488,7 @@ def time_case(case: Case, config: ModelConfig, timer=None) -> list[ModelResult]:
             errors[peer] = _reason(e)
             del steps[peer]
 
-    samples = {peer: [] for peer in steps}
-    order = list(steps)
-    for r in range(config.rounds):
-        if not order:
-            break
-        k = r % len(order)  # rotate who goes first
-        for peer in order[k:] + order[:k]:
-            try:
-                samples[peer].append(timer.sample(steps[peer], reps[peer]))
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory on a later call
-                errors[peer] = _reason(e)
-                order.remove(peer)
-                del steps[peer]
+    samples = interleaved(steps, reps, config.rounds, timer, errors)
 
     share = None
     if "torch" in steps and config.profile_steps:
