@@ -80,3 +80,14 @@ def test_dispatch_rejects_kernel_bench_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--table", "t.json"])
     assert "--dispatch" in capsys.readouterr().err
+
+
+def test_recheck_times_only_the_close_classes():
+    grid = dispatch.cells(norms=["rms_norm"], dtypes=["float32"], passes=["fwd"])
+    ratios = {0: (1.0, 3.0), 1: (3.0, 3.0), 2: (0.5, 0.5), 3: (0.85, 0.4)}
+    timings = [dispatch.Timing(c, 1.0, ratios.get(c.size_class, (2.0, 2.0))[c.variant], 7)
+               for c in grid]
+    close = dispatch.close_cells(timings)
+    # classes 0 and 3 have a ratio within the band: both their shapes, nothing else
+    assert sorted({(c.size_class, c.variant) for c in close}) == [(0, 0), (0, 1), (3, 0),
+                                                                   (3, 1)]

@@ -86,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     disp.add_argument("--dispatch-norms", type=_list("norm", auto.NORMS), default=None,
                       metavar="NAMES", help="comma-separated, from " + ",".join(auto.NORMS)
                       + " (default: all)")
+    disp.add_argument("--dispatch-recheck", metavar="FILE.csv", default=None,
+                      help="time only the classes of an earlier run (its dispatch.csv) with a"
+                           " ratio within %.2f-%.2f, whose choice its noise could flip; merge"
+                           " the runs with --from-csv" % dispatch.CLOSE)
     disp.add_argument("--table", metavar="FILE.json", default=None,
                       help="write the table (cells not measured keep FILE's choice); auto reads"
                            " normlab/kernels/cpu_dispatch.json")
@@ -183,7 +187,7 @@ _KERNEL_ONLY = {
     "flush_l2": True, "from_csv": None, "device": "cpu",
 }
 _MODELS_ONLY = {"model_set": None, "modes": None}
-_DISPATCH_ONLY = {"dispatch_norms": None, "table": None}
+_DISPATCH_ONLY = {"dispatch_norms": None, "dispatch_recheck": None, "table": None}
 
 
 def _flag(dest: str) -> str:
@@ -235,11 +239,11 @@ def dispatch_main(args: argparse.Namespace,
     if given:
         msg = (f"{', '.join(given)} cannot be used with --dispatch (it times the cpu kernels"
                " against ATen on its own grid); --dispatch takes --dispatch-norms, --dtypes,"
-               " --table, --quick, --rounds, --time-budget, --out, --no-progress, --from-csv")
+               " --dispatch-recheck, --table, --quick, --rounds, --time-budget, --out, --no-progress, --from-csv")
         if parser is None:
             raise ValueError(msg)
         parser.error(msg)
-    return dispatch.main(args)
+    return dispatch.main(args, parser)
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:

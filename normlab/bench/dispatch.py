@@ -230,6 +230,19 @@ def run(grid: Sequence[Cell], rounds: int = 7, progress: bool = True,
     return out
 
 
+#: A class is "close" (timed again by ``--dispatch-recheck``) when one of its ratios lies in
+#: this band: the runs' noise (a few percent, more on a busy core) could flip its choice.
+CLOSE = (0.8, 1.25)
+
+
+def close_cells(timings: Sequence[Timing], band: tuple[float, float] = CLOSE) -> list[Cell]:
+    """The cells of the classes (cell key, size class) with a ratio inside ``band``, in run
+    order: both shapes of such a class."""
+    near = {(t.cell.key, t.cell.size_class) for t in timings
+            if band[0] <= t.ratio <= band[1]}
+    return [t.cell for t in timings if (t.cell.key, t.cell.size_class) in near]
+
+
 def choices(timings: Sequence[Timing]) -> dict[tuple[str, int], str]:
     """``{(cell key, size class): choice}`` over the shapes timed for each class."""
     ratios: dict = {}
@@ -261,14 +274,20 @@ def table(timings: Sequence[Timing], previous: dict | None = None) -> dict:
 def from_csv(paths: Sequence[str]) -> list[Timing]:
     """The timings of earlier runs, one per cell: a cell timed in several runs gets the
     geometric means of its times (so its ratio is the geometric mean of the runs' ratios)."""
+    from .report import csv_rows
+
     by: dict[Cell, list] = {}
+    need = ("norm", "layout", "dtype", "size_class", "pass", "kernels_ms", "aten_ms", "rounds")
     for path in paths:
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                cell = Cell(row["norm"], row["layout"], row["dtype"], int(row["size_class"]),
-                            row["pass"], int(row.get("variant", 0)))
-                by.setdefault(cell, []).append(
-                    (float(row["kernels_ms"]), float(row["aten_ms"]), int(row["rounds"])))
+            for n, row in enumerate(csv_rows(f, path, need), 2):
+                try:
+                    cell = Cell(row["norm"], row["layout"], row["dtype"],
+                                int(row["size_class"]), row["pass"], int(row.get("variant") or 0))
+                    by.setdefault(cell, []).append(
+                        (float(row["kernels_ms"]), float(row["aten_ms"]), int(row["rounds"])))
+                except ValueError as e:
+                    raise ValueError(f"{path}: row {n}: {e}") from None
     out = []
     for cell, runs in by.items():
         k = math.exp(statistics.fmean(math.log(r[0]) for r in runs))
@@ -325,13 +344,22 @@ def to_markdown(timings: Sequence[Timing]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def main(args, parser=None) -> int:
     """``normlab bench --dispatch``: time the grid, print the markdown, write ``--out``
-    (CSV and markdown) and, with ``--table FILE``, the dispatch table."""
+    (CSV and markdown) and, with ``--table FILE``, the dispatch table. An unreadable
+    ``--from-csv`` or ``--dispatch-recheck`` file is a parser error (with ``parser``)."""
     from .cli import out_paths
 
     classes = QUICK_CLASSES if args.quick else None
     grid = cells(norms=args.dispatch_norms, dtypes=args.dtypes, classes=classes)
+    try:
+        merged = from_csv([f for f in args.from_csv.split(",") if f]) if args.from_csv else None
+        if getattr(args, "dispatch_recheck", None):  # only the close classes of a run
+            grid = close_cells(from_csv([args.dispatch_recheck]))
+    except (OSError, ValueError) as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
     rounds = args.rounds or (3 if args.quick else 7)
     paths = out_paths(args.out, "dispatch") if args.out else None
 
@@ -341,8 +369,8 @@ def main(args) -> int:
             to_csv(done, paths[0])
             with open(paths[1], "w") as f:
                 f.write(to_markdown(done))
-    if args.from_csv:  # time nothing: merge earlier runs
-        timings = from_csv([f for f in args.from_csv.split(",") if f])
+    if merged is not None:  # time nothing: merge earlier runs
+        timings = merged
         save(timings)
     else:
         timings = run(grid, rounds, progress=args.progress, time_budget_s=args.time_budget,

@@ -179,25 +179,53 @@ def from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Res
     out: dict = {}
     for path in paths:
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                cell = Cell(row["norm"], row["layout"], row["dtype"],
-                            tuple(int(d) for d in row["shape"].split("x")), row["pass"],
-                            int(row["groups"] or 0))
-                r = Result(
-                    cell=cell, peer=row["peer"], impl=row["impl"], ms=float(row["ms"]),
-                    ms_min=float(row["ms_min"]), rounds=int(row["rounds"]),
-                    reps=int(row["reps"]), copy_gbps=float(row["copy_gbps"]),
-                    threads=int(row["threads"]), compile_s=num(row.get("compile_s")),
-                    max_abs_diff=num(row.get("max_abs_diff")), error=row.get("error") or None,
-                    load=num(row.get("load")), device=row.get("device") or "cpu",
-                    device_name=row.get("device_name") or "", timing=row.get("timing") or "",
-                    copy_mib=num(row.get("copy_mib"), int) or 0,
-                    versions=row.get("versions") or (f"torch {row['torch']}"
-                                                     if row.get("torch") else ""))
-                seen = out.get((cell, r.peer))
+            for n, row in enumerate(csv_rows(f, path, _REQUIRED), 2):
+                try:
+                    r = _result(row, Cell, Result, num)
+                except ValueError as e:
+                    raise ValueError(f"{path}: row {n}: {e}") from None
+                seen = out.get((r.cell, r.peer))
                 if seen is None or not r.error or seen.error:
-                    out[(cell, r.peer)] = r
+                    out[(r.cell, r.peer)] = r
     return list(out.values())
+
+
+def _result(row: dict, Cell, Result, num) -> "Result":
+    cell = Cell(row["norm"], row["layout"], row["dtype"],
+                tuple(int(d) for d in row["shape"].split("x")), row["pass"],
+                int(row["groups"] or 0))
+    return Result(
+        cell=cell, peer=row["peer"], impl=row["impl"], ms=float(row["ms"]),
+        ms_min=float(row["ms_min"]), rounds=int(row["rounds"]),
+        reps=int(row["reps"]), copy_gbps=float(row["copy_gbps"]),
+        threads=int(row["threads"]), compile_s=num(row.get("compile_s")),
+        max_abs_diff=num(row.get("max_abs_diff")), error=row.get("error") or None,
+        load=num(row.get("load")), device=row.get("device") or "cpu",
+        device_name=row.get("device_name") or "", timing=row.get("timing") or "",
+        copy_mib=num(row.get("copy_mib"), int) or 0,
+        versions=row.get("versions") or (f"torch {row['torch']}" if row.get("torch") else ""))
+
+
+_REQUIRED = ("norm", "layout", "dtype", "shape", "pass", "groups", "peer", "impl", "ms",
+             "ms_min", "rounds", "reps", "copy_gbps", "threads")
+
+
+def csv_rows(f, path, required: Sequence[str]):
+    """The rows of a CSV that ``normlab bench`` wrote, as dicts; a ValueError naming ``path``
+    when it is empty, lacks one of the ``required`` columns or has a malformed row."""
+    reader = csv.DictReader(f)
+    missing = [c for c in required if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f"{path}: not a CSV that normlab bench wrote (no "
+                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                         "column)" if reader.fieldnames else f"{path}: the file is empty")
+    n = 0
+    for n, row in enumerate(reader, 1):
+        if None in row or any(row.get(c) is None for c in required):
+            raise ValueError(f"{path}: row {n + 1} does not have the header's columns")
+        yield row
+    if n == 0:
+        raise ValueError(f"{path}: the CSV holds no rows")
 
 
 def _ms(r: Result | None) -> str:
