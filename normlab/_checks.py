@@ -6,6 +6,8 @@ The exception classes derive from both the Python exception a reader expects (``
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Sequence
 
 import torch
@@ -34,35 +36,81 @@ def row_norm(fn: str, x, given_shape, weight, bias=None) -> tuple[int, ...]:
                 and isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.ndim \
                 and x.shape[-1] == shape[0] \
                 and (weight is None or (weight.dtype in _FLOATING and weight.shape == shape)) \
-                and (bias is None or (bias.dtype in _FLOATING and bias.shape == shape)):
+                and (bias is None or (bias.dtype in _FLOATING and bias.shape == shape)) \
+                and _same_device(x, weight, bias):
             return shape
     except AttributeError:
         pass
     floating_input(fn, x, 1, "(*, *normalized_shape)")
     shape = normalized_shape(fn, x, given_shape)
     same_shape(fn, shape, weight=weight, bias=bias)
+    devices(fn, x, weight=weight, bias=bias)
     return shape
 
 
+def _same_device(x, *tensors) -> bool:
+    """The fast test: on CPU, each given tensor is too (elsewhere, :func:`devices` compares)."""
+    if x.is_cpu:
+        for t in tensors:
+            if t is not None and not t.is_cpu:
+                return False
+        return True
+    return all(t is None or t.device == x.device for t in tensors)
+
+
+def devices(fn: str, x: torch.Tensor, **tensors) -> None:
+    """Every given tensor is on the input's device, as torch requires."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ArgumentError(f"{fn}: {name} is on {t.device}, the input on {x.device}; "
+                                "move them to one device")
+
+
+def running_stats(fn: str, running_mean, running_var) -> None:
+    """Both running statistics or neither, and neither requiring grad while autograd records
+    (torch's rules: they are buffers, updated in place, never differentiated)."""
+    if (running_mean is None) is not (running_var is None):
+        raise ArgumentError(f"{fn}: running_mean and running_var must either both be None or "
+                            f"neither be None; got only {'running_mean' if running_var is None else 'running_var'}")
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) \
+            and torch.is_grad_enabled():
+        raise ArgumentError(f"{fn}: running_mean and running_var must not require grad (they "
+                            "are statistics buffers, not parameters); pass .detach()ed tensors")
+
+
 def channel_norm(fn: str, x, weight=None, bias=None, running_mean=None,
-                 running_var=None) -> None:
+                 running_var=None, vector_params: bool = False) -> None:
     """The checks of batch_norm/instance_norm/group_norm: ``x`` a floating ``(N, C, *)`` tensor,
-    each given tensor one floating value per channel."""
+    each given tensor one floating value per channel: running statistics (and, with
+    ``vector_params``, GroupNorm's weight and bias) 1-D, as torch requires; BatchNorm's weight
+    and bias of any shape holding C values, as torch takes them."""
     try:  # the fast path (an AttributeError: not a tensor, full checks)
         if isinstance(x, torch.Tensor) and x.dtype in _FLOATING and x.ndim >= 2:
             c = x.shape[1]
-            if (weight is None or (weight.dtype in _FLOATING and weight.numel() == c)) \
-                    and (bias is None or (bias.dtype in _FLOATING and bias.numel() == c)) \
+            if (weight is None or (weight.dtype in _FLOATING and weight.numel() == c
+                                   and (weight.ndim == 1 or not vector_params))) \
+                    and (bias is None or (bias.dtype in _FLOATING and bias.numel() == c
+                                          and (bias.ndim == 1 or not vector_params))) \
                     and (running_mean is None or (running_mean.dtype in _FLOATING
-                                                  and running_mean.numel() == c)) \
+                                                  and running_mean.shape == (c,))) \
                     and (running_var is None or (running_var.dtype in _FLOATING
-                                                 and running_var.numel() == c)):
+                                                 and running_var.shape == (c,))) \
+                    and _same_device(x, weight, bias, running_mean, running_var):
                 return
     except AttributeError:
         pass
     floating_input(fn, x, 2, "(N, C, *)")
     per_channel(fn, x, weight=weight, bias=bias, running_mean=running_mean,
                 running_var=running_var)
+    devices(fn, x, weight=weight, bias=bias, running_mean=running_mean,
+            running_var=running_var)
+    vectors = dict(running_mean=running_mean, running_var=running_var)
+    if vector_params:
+        vectors.update(weight=weight, bias=bias)
+    for name, t in vectors.items():
+        if t is not None and t.dim() != 1:
+            raise ShapeError(f"{fn}: {name} must be a vector of {x.shape[1]} values (one per "
+                             f"channel), got {name} of shape {_shape(t)}")
 
 
 def floating_tensor(fn: str, x, name: str = "input") -> None:
@@ -140,19 +188,28 @@ def more_than_one_value(fn: str, x: torch.Tensor, count: int, what: str) -> None
 
 
 def positive_eps_in_training(fn: str, eps: float) -> None:
-    if not eps > 0:
+    if eps <= 0:  # (NaN passes, as in torch: the output is NaN)
         raise ArgumentError(f"{fn}: eps must be positive during training, but got {eps}")
 
 
+def non_negative_eps(fn: str, eps: float) -> None:
+    if eps < 0:
+        raise ArgumentError(f"{fn}: eps must be non-negative, but got {eps}")
+
+
 def momentum(fn: str, value) -> float:
+    """A float momentum from what torch takes: a Python or NumPy real (bool included) or a
+    one-element tensor."""
     if type(value) is float:
         return value
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{fn}: momentum must be a float, got {value!r}; momentum=None (a cumulative "
-            "average) is an option of the modules, which pass 1 / num_batches_tracked"
-        )
-    return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real):  # int, bool, numpy.float32, numpy.int64, ...
+        return float(value)
+    raise TypeError(
+        f"{fn}: momentum must be a float, got {value!r}; momentum=None (a cumulative "
+        "average) is an option of the modules, which pass 1 / num_batches_tracked"
+    )
 
 
 def given(fn: str, why: str, **tensors: torch.Tensor | None) -> None:
@@ -164,9 +221,18 @@ def given(fn: str, why: str, **tensors: torch.Tensor | None) -> None:
 
 def normalized_shape(fn: str, x: torch.Tensor, shape: int | Sequence[int]) -> tuple[int, ...]:
     """Canonical tuple for ``normalized_shape``; the input's trailing dims must equal it."""
-    if isinstance(shape, int):
+    if type(shape) is int:
         shape = (shape,)
-    shape = tuple(int(s) for s in shape)
+    elif not isinstance(shape, (list, tuple)):  # torch.Size is a tuple
+        raise TypeError(
+            f"{fn}: normalized_shape must be an int or a tuple/list of ints, got "
+            f"{type(shape).__name__} {shape!r}")
+    try:
+        shape = tuple(_index(s) for s in shape)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: normalized_shape must be an int or a tuple/list of ints, got {shape!r}"
+        ) from None
     if len(shape) == 0:
         raise ShapeError(
             f"{fn}: normalized_shape must name at least one trailing dimension, got ()"
@@ -191,8 +257,24 @@ def same_shape(fn: str, shape: tuple[int, ...], **tensors: torch.Tensor | None) 
             )
 
 
-def groups(fn: str, num_groups, num_channels: int) -> None:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+def _index(v) -> int:
+    """An integer argument as torch reads one: an int or what ``operator.index`` takes (NumPy
+    integers), not a bool, a float or a tensor."""
+    if type(v) is int:
+        return v
+    if isinstance(v, (bool, torch.Tensor)):
+        raise TypeError(f"expected an int, got {v!r}")
+    return operator.index(v)
+
+
+def groups(fn: str, num_groups, num_channels: int) -> int:
+    """``num_groups`` as an int: positive, dividing ``num_channels``."""
+    try:
+        num_groups = _index(num_groups)
+    except TypeError:
+        raise ShapeError(f"{fn}: num_groups must be a positive integer, got {num_groups!r}") \
+            from None
+    if num_groups <= 0:
         raise ShapeError(f"{fn}: num_groups must be a positive integer, got {num_groups!r}")
     if num_channels % num_groups != 0:
         divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
@@ -200,6 +282,7 @@ def groups(fn: str, num_groups, num_channels: int) -> None:
             f"{fn}: the number of channels ({num_channels}) must be divisible by num_groups "
             f"({num_groups}); valid num_groups for {num_channels} channels: {divisors}"
         )
+    return num_groups
 
 
 def spatial_count(x: torch.Tensor) -> int:

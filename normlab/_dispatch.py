@@ -124,6 +124,24 @@ def get_backend(x: torch.Tensor | None = None):
 
 _cpu_auto = None  # the Auto object for CPU tensors, made on first use
 
+# wrapped(): inside a torch.func transform (vmap, grad, jacrev, jacfwd, hessian, jvp, functional
+# per-sample gradients), a forward-mode AD level (torch.autograd.forward_ad.dual_level) or a
+# torch.jit.trace recording, the tensors a norm receives are wrappers (batched, gradient-
+# tracking, dual) or their calls are being recorded. Kernels that read memory cannot see through
+# them, and an autograd.Function has no batching or forward-derivative rule, so normlab.functional
+# then calls torch.nn.functional's norms, whatever backend is forced: they carry those rules, and
+# a trace records ATen's operators. The answers (and errors) are torch's own. (The functions
+# test the condition inline, each a few attribute reads: wrapped() is the readable form.)
+_fwad = torch.autograd.forward_ad
+_transforms_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
+
+
+def wrapped() -> bool:
+    """Whether a norm called now sees wrapped tensors (torch.func, forward AD) or is being
+    traced by ``torch.jit.trace``: then normlab.functional calls torch's functions."""
+    return _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None
+
 
 def _make_cpu_auto():
     """``auto`` for CPU tensors: the kernels/ATen table over the ``cpu`` backend, or the

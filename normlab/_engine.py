@@ -61,6 +61,7 @@ class Reduction:
     dims: tuple[int, ...]
     affine: tuple[int, ...]
     centered: bool = True
+    keeps_channels_last: bool = False  # the output layout: see output_like
 
     @property
     def count(self) -> int:
@@ -88,7 +89,8 @@ def per_channel(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def batch_reduction(shape: tuple[int, ...]) -> Reduction:
     """BatchNorm: one statistic per channel, over the batch and every spatial position."""
-    return Reduction(tuple(shape), (0,) + tuple(range(2, len(shape))), per_channel(shape))
+    return Reduction(tuple(shape), (0,) + tuple(range(2, len(shape))), per_channel(shape),
+                     keeps_channels_last=True)
 
 
 def instance_reduction(shape: tuple[int, ...]) -> Reduction:
@@ -100,7 +102,8 @@ def group_reduction(shape: tuple[int, ...], groups: int) -> Reduction:
     """GroupNorm: one statistic per (sample, group), over the group's channels and positions."""
     n, c, *spatial = shape
     view = (n, groups, c // groups, *spatial)
-    return Reduction(view, tuple(range(2, len(view))), (1, groups, c // groups) + (1,) * len(spatial))
+    return Reduction(view, tuple(range(2, len(view))), (1, groups, c // groups) + (1,) * len(spatial),
+                     keeps_channels_last=True)
 
 
 def row_reduction(shape: tuple[int, ...], normalized_ndim: int, centered: bool = True) -> Reduction:
@@ -108,8 +111,22 @@ def row_reduction(shape: tuple[int, ...], normalized_ndim: int, centered: bool =
     trailing ``normalized_ndim`` axes, with parameters per element of those axes."""
     lead = len(shape) - normalized_ndim
     return Reduction(
-        tuple(shape), tuple(range(lead, len(shape))), (1,) * lead + tuple(shape[lead:]), centered
+        tuple(shape), tuple(range(lead, len(shape))), (1,) * lead + tuple(shape[lead:]), centered,
+        keeps_channels_last=not centered,
     )
+
+
+def output_like(x: torch.Tensor, keeps_channels_last: bool) -> torch.Tensor:
+    """An empty output for a norm of ``x`` in torch's layout: contiguous, except that BatchNorm,
+    GroupNorm and RMSNorm (``keeps_channels_last``) keep a ``channels_last`` (4-D) or
+    ``channels_last_3d`` (5-D) input's format. (InstanceNorm and LayerNorm outputs are
+    contiguous whatever the input's strides, as torch's.) The backends allocate here."""
+    if keeps_channels_last and not x.is_contiguous():
+        d = x.dim()
+        fmt = torch.channels_last if d == 4 else torch.channels_last_3d if d == 5 else None
+        if fmt is not None and x.is_contiguous(memory_format=fmt):
+            return torch.empty_like(x, memory_format=fmt)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 # --- the engine
@@ -180,7 +197,7 @@ class _Normalize(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rstd, *offsets)
         # A fresh tensor in x's dtype and layout, not a view of y: outputs of a custom Function
         # that are views cannot be modified in place (nn.ReLU(inplace=True) after a norm).
-        out = torch.empty_like(x)
+        out = output_like(x, red.keeps_channels_last)
         out.view(red.view).copy_(y)
         return out
 

@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn.functional as _torch_F
 
+from . import _classes
 from . import functional as _F
 from . import nn as _nn
 
@@ -75,8 +76,13 @@ def _twin_of(cls: type) -> type | None:
             methods[name] = getattr(twin, name)
     if not methods:
         return None
-    namespace = {**methods, "_normlab_patched": True, "__module__": cls.__module__}
+    namespace = {**methods, "_normlab_patched": True, "__module__": cls.__module__,
+                 "_normlab_made": ("patch", cls), "__reduce_ex__": _classes.reduce_ex,
+                 "__prepare_scriptable__": _nn._script.Scriptable.__prepare_scriptable__}
     return type(cls.__name__, (cls,), namespace)
+
+
+_classes.register("patch", _twin_of)  # pickling a patched module: see normlab._classes
 
 
 def _is_normlab(cls: type) -> bool:

@@ -98,10 +98,27 @@ def _add_lab(sub) -> argparse.ArgumentParser:
 def _experiment_names(text: str) -> list[str]:
     from .lab import runner
 
+    names = [n for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one experiment name")
     try:
-        return runner.select(n for n in text.split(",") if n)
+        return runner.select(n.strip() for n in names)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_out(parser: argparse.ArgumentParser, path: str, directory: bool = True) -> None:
+    """A parser error (exit 2, one line) unless ``--out`` can be written: the folder ``path``
+    (or a file ``path``'s folder) is made if missing and a file created in it."""
+    import tempfile
+
+    folder = path if directory else (os.path.dirname(os.path.abspath(path)) or ".")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        parser.error(f"--out {path}: cannot write there ({e.strerror or e})")
 
 
 def _data_arg(items: list[str]) -> dict[str, str] | None:
@@ -183,11 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         worst = demo()
         return 0 if worst < 1e-5 else 1
     if args.command == "bench":
+        if getattr(args, "out", None):
+            check_out(bench, args.out, directory=not args.out.lower().endswith(".csv"))
         return bench_cli.main(args, bench)
     if args.command == "lab":
+        check_out(lab_parser, args.out)
         return lab(args, lab_parser)
     if args.command == "explain":
         from .lab.explain import explain as explain_text
+
+        check_out(explain, args.out)
 
         print(explain_text(args.norm, args.out))
         return 0

@@ -20,21 +20,37 @@ the norm that follows it, returning both the normalized output and the new resid
 Statistics are computed in float32 (float64 for float64 inputs) with a two-pass variance;
 the output has the input's dtype. Parameters and running statistics may have another floating
 dtype than the input (torch refuses some of these combinations on CPU).
+
+Inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``jacfwd``, ``hessian``,
+``jvp``), forward-mode AD (``torch.autograd.forward_ad``) and ``torch.jit.trace``, each function
+calls ``torch.nn.functional``'s (whatever backend is forced): the tensors are wrappers that only
+ATen's operators, with their batching and derivative rules, see through, and a trace records
+those operators (:func:`normlab._dispatch.wrapped`). So do empty inputs, where torch's answers
+(and its few errors) are conventions, not arithmetic. Results and errors there are torch's.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 
+import torch.nn.functional as _torch_F
+
 from . import _checks
-from ._dispatch import get_backend
+from ._dispatch import _fwad, _tracing_state, _transforms_active, get_backend
 from ._engine import compute_dtype
+from ._errors import DTypeError
 
 __all__ = [
     "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
     "add_layer_norm", "add_rms_norm",
 ]
+
+
+def _seq(normalized_shape):
+    """normlab takes an int ``normalized_shape`` (one trailing axis); torch's functions a sequence."""
+    return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
 
 
 def batch_norm(
@@ -73,19 +89,28 @@ def batch_norm(
             [ 0.0000,  0.0000,  0.0000],
             [ 1.2247,  1.2247,  1.2247]])
     """
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (isinstance(input, torch.Tensor) and not input.numel()):
+        return _torch_F.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps)
     fn = "batch_norm"
     _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
+    if running_mean is not None or running_var is not None:
+        _checks.running_stats(fn, running_mean, running_var)
     eps = float(eps)
     if training:
         _checks.more_than_one_value(
             fn, input, input.shape[0] * _checks.spatial_count(input), "value per channel"
         )
         _checks.positive_eps_in_training(fn, eps)
-    elif running_mean is None or running_var is None:
-        _checks.given(
-            fn, "in evaluation mode (training=False)",
-            running_mean=running_mean, running_var=running_var,
-        )
+    else:
+        if running_mean is None or running_var is None:
+            _checks.given(
+                fn, "in evaluation mode (training=False)",
+                running_mean=running_mean, running_var=running_var,
+            )
+        if eps < 0:
+            _checks.non_negative_eps(fn, eps)
     return get_backend(input).batch_norm(
         input, running_mean, running_var, weight, bias, bool(training),
         _checks.momentum(fn, momentum), eps,
@@ -122,8 +147,17 @@ def instance_norm(
         momentum: weight of the new statistic in the running update. Default: 0.1.
         eps: added to the variance. Default: 1e-5.
     """
+    # (Not empty inputs: torch's InstanceNorm fails on an empty batch, an IndexError from
+    # inside; normlab returns the empty output. eps == 0 with input statistics: torch's
+    # convention, 1/sqrt(0) = 0 for a constant instance, comes from ATen.)
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (eps == 0 and use_input_stats):
+        return _torch_F.instance_norm(input, running_mean, running_var, weight, bias,
+                                      use_input_stats, momentum, eps)
     fn = "instance_norm"
     _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
+    if running_mean is not None or running_var is not None:
+        _checks.running_stats(fn, running_mean, running_var)
     if use_input_stats:
         _checks.more_than_one_value(fn, input, _checks.spatial_count(input), "spatial element")
     else:
@@ -160,9 +194,14 @@ def group_norm(
         weight, bias: ``(C,)`` affine parameters or None.
         eps: added to the variance. Default: 1e-5.
     """
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (isinstance(input, torch.Tensor) and not input.numel()):
+        return _torch_F.group_norm(input, num_groups, weight, bias, eps)
     fn = "group_norm"
-    _checks.channel_norm(fn, input, weight, bias)
-    _checks.groups(fn, num_groups, input.shape[1])
+    _checks.channel_norm(fn, input, weight, bias, vector_params=True)
+    num_groups = _checks.groups(fn, num_groups, input.shape[1])
+    if input.shape[0] * (input.shape[1] // num_groups) == 1:  # torch's check, word for word
+        _checks.more_than_one_value(fn, input, _checks.spatial_count(input), "value per channel")
     return get_backend(input).group_norm(input, num_groups, weight, bias, float(eps))
 
 
@@ -194,6 +233,9 @@ def layer_norm(
             [-1.2247,  0.0000,  1.2247],
             [-1.2247,  0.0000,  1.2247]])
     """
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (isinstance(input, torch.Tensor) and not input.numel()):
+        return _torch_F.layer_norm(input, _seq(normalized_shape), weight, bias, eps)
     shape = _checks.row_norm("layer_norm", input, normalized_shape, weight, bias)
     return get_backend(input).layer_norm(input, shape, weight, bias, float(eps))
 
@@ -224,7 +266,22 @@ def rms_norm(
     >>> rms_norm(torch.tensor([[1., 2., 3.]]), (3,), eps=1e-8)
     tensor([[0.4629, 0.9258, 1.3887]])
     """
-    shape = _checks.row_norm("rms_norm", input, normalized_shape, weight)
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (isinstance(input, torch.Tensor) and not input.numel()):
+        return _torch_F.rms_norm(input, _seq(normalized_shape), weight, eps)
+    try:
+        shape = _checks.row_norm("rms_norm", input, normalized_shape, weight)
+    except DTypeError:
+        if not (isinstance(weight, torch.Tensor) and isinstance(input, torch.Tensor)
+                and input.is_floating_point() and not weight.is_floating_point()
+                and not weight.is_complex()):
+            raise
+        # torch takes an integer weight with this warning (its composite path promotes it)
+        warnings.warn(f"Mismatch dtype between input and weight: input dtype = {input.dtype}, "
+                      f"weight dtype = {weight.dtype}, Cannot dispatch to fused implementation.",
+                      UserWarning, stacklevel=2)
+        weight = weight.to(input.dtype)
+        shape = _checks.row_norm("rms_norm", input, normalized_shape, weight)
     eps = _default_eps(input.dtype) if eps is None else float(eps)
     return get_backend(input).rms_norm(input, shape, weight, eps)
 
@@ -276,6 +333,10 @@ def add_rms_norm(
     >>> y, h
     (tensor([[0.4629, 0.9258, 1.3887]]), tensor([[1., 2., 3.]]))
     """
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (isinstance(input, torch.Tensor) and not input.numel()):
+        h = input + residual
+        return _torch_F.rms_norm(h, _seq(normalized_shape), weight, eps), h
     fn = "add_rms_norm"
     shape = _checks.row_norm(fn, input, normalized_shape, weight)
     _checks.residual(fn, input, residual)
@@ -322,6 +383,10 @@ def add_layer_norm(
     >>> y, h
     (tensor([[-1.2247,  0.0000,  1.2247]]), tensor([[1., 2., 3.]]))
     """
+    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+            or (isinstance(input, torch.Tensor) and not input.numel()):
+        h = input + residual
+        return _torch_F.layer_norm(h, _seq(normalized_shape), weight, bias, eps), h
     fn = "add_layer_norm"
     shape = _checks.row_norm(fn, input, normalized_shape, weight, bias)
     _checks.residual(fn, input, residual)

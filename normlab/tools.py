@@ -25,6 +25,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import _classes
 from ._errors import ArgumentError, ShapeError
 
 __all__ = ["swap_norms", "fold_batchnorm", "freeze_batchnorm", "unfreeze_batchnorm"]
@@ -422,7 +423,37 @@ def _fold(bn: _BatchNorm, pred: nn.Module) -> None:
             pred.bias.copy_(new_b)
 
 
-def fold_batchnorm(model: nn.Module, *, report: bool = False):
+def _linear_ranks(model: nn.Module, linears: list, example_inputs) -> dict:
+    """``{id(linear): output.dim()}`` of the given Linears in one eval call of ``model`` on
+    ``example_inputs`` (a tensor or a tuple of positional arguments)."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    ranks: dict = {}
+    hooks = [m.register_forward_hook(
+        lambda mod, _, out: ranks.__setitem__(id(mod), getattr(out, "ndim", None)))
+        for m in linears]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranks
+
+
+def _folded_linear_check(module: nn.Module, args) -> None:
+    """Forward pre-hook of a Linear that a BatchNorm1d was folded into without example inputs:
+    the fold holds for (N, features) activations only."""
+    x = args[0] if args else None
+    if getattr(x, "ndim", 2) != 2:
+        raise ShapeError(
+            f"fold_batchnorm folded a BatchNorm1d into this Linear assuming (N, features) "
+            f"activations, but it got a {x.ndim}-D input {tuple(x.shape)}: the BatchNorm1d "
+            "normalizes dim 1 while the Linear acts on the last dim, so the fold does not hold. "
+            "Fold with fold_batchnorm(model, example_inputs=...), which leaves such pairs "
+            "unfolded.")
+
+
+def fold_batchnorm(model: nn.Module, *, report: bool = False, example_inputs=None):
     r"""An eval-mode deep copy of ``model`` in which every BatchNorm that directly follows a
     ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` is folded into it and replaced
     by ``nn.Identity``. ``model`` is not changed.
@@ -442,8 +473,12 @@ def fold_batchnorm(model: nn.Module, *, report: bool = False):
     Where a module does not trace (data-dependent control flow), its plain ``nn.Sequential``
     containers are searched for a Conv/Linear followed by a BatchNorm as consecutive children
     (assuming, as fx cannot check there, that they are called only through the container),
-    and its children are traced one by one. ``Linear`` + ``BatchNorm1d`` assumes the
-    activation is ``(N, features)``.
+    and its children are traced one by one.
+
+    ``Linear`` + ``BatchNorm1d`` folds only for ``(N, features)`` activations (on ``(N, C, L)``
+    the BatchNorm normalizes dim 1, the Linear acts on the last). With ``example_inputs`` the
+    model runs once on them and a pair whose Linear output is not 2-D stays unfolded; without,
+    the folded Linear raises a ShapeError on an input that is not 2-D (never a wrong answer).
 
     A BatchNorm that cannot be folded stays: one after a ReLU, one whose conv output is used
     elsewhere, one without running statistics (``track_running_stats=False`` normalizes with
@@ -454,6 +489,8 @@ def fold_batchnorm(model: nn.Module, *, report: bool = False):
         report: return ``(copy, unfolded)`` where ``unfolded`` maps the qualified name of each
             BatchNorm left in the copy to the reason. Default False: return the copy, and warn
             (``UserWarning``) listing those BatchNorms if there are any.
+        example_inputs: a tensor, or a tuple of positional arguments, that ``model`` runs on
+            in eval (once, without gradients) to check the shapes of ``Linear`` outputs.
 
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
     ...                             torch.nn.ReLU(), torch.nn.BatchNorm2d(8)).eval()
@@ -472,6 +509,10 @@ def fold_batchnorm(model: nn.Module, *, report: bool = False):
     pairs: dict[str, str] = {}
     if not isinstance(folded, _LEAVES):
         _find_pairs(folded, "", verdicts, pairs)
+    linears = [folded.get_submodule(p) for p in pairs.values()]
+    linears = [m for m in linears if isinstance(m, nn.Linear)]
+    ranks = _linear_ranks(folded, linears, example_inputs) \
+        if linears and example_inputs is not None else None
     done = set()
     for bn_name, pred_name in pairs.items():
         bn, pred = folded.get_submodule(bn_name), folded.get_submodule(pred_name)
@@ -480,10 +521,16 @@ def fold_batchnorm(model: nn.Module, *, report: bool = False):
         if bn.running_mean is None or bn.running_var is None:
             continue  # reported below
         why = _refuse(bn, pred, counts, param_counts)
+        linear = isinstance(pred, nn.Linear)
+        if why is None and linear and ranks is not None and ranks.get(id(pred), 2) != 2:
+            why = (f"its Linear's output is {ranks[id(pred)]}-D on example_inputs: the "
+                   "BatchNorm1d normalizes dim 1, the Linear acts on the last dim")
         if why is not None:
             verdicts[bn_name] = why
             continue
         _fold(bn, pred)
+        if linear and ranks is None:
+            pred.register_forward_pre_hook(_folded_linear_check)
         done.add(id(bn))
         _where(folded, bn, nn.Identity())
     unfolded = {}
@@ -517,19 +564,22 @@ class _FrozenBatchNorm:
     def train(self, mode: bool = True):
         return super().train(False)
 
-    def __reduce_ex__(self, protocol):  # picklable, deep-copyable: rebuilt from the base class
-        return _frozen_instance, (self._normlab_unfrozen,), self.__getstate__()
+    # picklable, deep-copyable: rebuilt from the class it was made from (normlab._classes)
+    __reduce_ex__ = _classes.reduce_ex
 
 
 @functools.cache
 def _frozen_class(base: type) -> type:
     return type(f"Frozen{base.__name__}", (_FrozenBatchNorm, base), {
-        "__module__": __name__, "_normlab_unfrozen": base,
+        "__module__": __name__, "_normlab_unfrozen": base, "_normlab_made": ("frozen", base),
         "__doc__": f"A frozen {base.__name__}: see :func:`normlab.tools.freeze_batchnorm`.",
     })
 
 
-def _frozen_instance(base: type) -> nn.Module:
+_classes.register("frozen", _frozen_class)
+
+
+def _frozen_instance(base: type) -> nn.Module:  # (what pickles of normlab <= 0.x hold)
     return object.__new__(_frozen_class(base))
 
 

@@ -224,6 +224,8 @@ class FusedBackend:
             return _REFERENCE.instance_norm(
                 x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
             )
+        if not x.is_contiguous():  # torch's InstanceNorm output is contiguous (E.output_like)
+            x = x.contiguous()
         if not use_input_stats:
             return self.ops.norm(x, weight, bias, running_mean, running_var, "batch", 1, eps)[0]
         n, c = x.shape[:2]

@@ -51,6 +51,7 @@ Numba 0.68 pitfalls met here (each cost speed or correctness, found by tests and
 from __future__ import annotations
 
 import math
+import warnings
 from types import FunctionType
 
 import numpy as np
@@ -61,7 +62,76 @@ from numba.extending import intrinsic
 # pragma: no cover throughout: compiled code is not seen by coverage.
 
 
+def _cache_probe():  # pragma: no cover - compiled only to find a cache location
+    return 0
+
+
+def _cache_available() -> bool:
+    """Whether Numba has a cache location for this file (its ``__pycache__``, the user-wide
+    cache or ``NUMBA_CACHE_DIR``): without one, ``cache=True`` raises at decoration (every
+    kernel import would), so the kernels compile uncached in each process, warned once."""
+    try:
+        njit(cache=True)(_cache_probe)
+    except RuntimeError as e:  # "cannot cache function ...: no locator available"
+        _cache_warning(e)
+        return False
+    return True
+
+
+_warned = []
+
+
+def _cache_warning(e: BaseException) -> None:
+    if not _warned:
+        _warned.append(e)
+        warnings.warn(f"normlab: Numba's cache cannot be used here ({type(e).__name__}: {e}); "
+                      "the cpu kernels compile in this process without it (set NUMBA_CACHE_DIR"
+                      " to a writable folder to keep them across processes)", RuntimeWarning,
+                      stacklevel=3)
+
+
+class _SafeCache:
+    """A kernel's Numba cache where a damaged file (a truncated or foreign ``.nbi``/``.nbc``,
+    which Numba unpickles and raises on at every call) or a failed write is a cache miss: the
+    kernel compiles, with one warning per process."""
+
+    def __init__(self, cache):
+        self._inner = cache
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load_overload(self, sig, target_context):
+        try:
+            return self._inner.load_overload(sig, target_context)
+        except Exception as e:  # noqa: BLE001 - any damage: compile instead
+            _cache_warning(e)
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            self._inner.save_overload(sig, data)
+        except Exception as e:  # noqa: BLE001
+            _cache_warning(e)
+
+
+def _guard_caches(namespace: dict) -> None:
+    """Wrap the cache of every dispatcher in ``namespace`` (and of each Kernel's two)."""
+    for v in list(namespace.values()):
+        for d in ((v.parallel, v.serial) if isinstance(v, Kernel) else (v,)):
+            cache = getattr(d, "_cache", None)
+            if cache is not None and hasattr(cache, "load_overload") \
+                    and not isinstance(cache, _SafeCache):
+                d._cache = _SafeCache(cache)
+
+
+_CACHE = _cache_available()
 _FM = False  # no fastmath, except the scoped ``reassoc`` of the slice sums (see above)
+# IEEE division, as torch's: 1 / sqrt(var + eps) with var + eps == 0 (eps=0 on a constant row) is
+# inf and the output NaN. Numba's default ("python") raises ZeroDivisionError inside the kernel
+# instead, which surfaced as "SystemError: CPUDispatcher(...) returned a result with an
+# exception set".
+_EM = "numpy"
 _S = 1024  # elements of one slice sum (and of a float32 scratch slice of the 16-bit kernels)
 
 
@@ -83,12 +153,12 @@ class Kernel:
 
     def __init__(self, fn):
         self.__name__, self.__doc__, self.__wrapped__ = fn.__name__, fn.__doc__, fn
-        self.parallel = njit(parallel=True, cache=True, fastmath=_FM)(fn)
+        self.parallel = njit(parallel=True, cache=_CACHE, fastmath=_FM, error_model=_EM)(fn)
         twin = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                             fn.__defaults__, fn.__closure__)
         twin.__qualname__ = fn.__qualname__ + "_serial"
         twin.__doc__ = fn.__doc__
-        self.serial = njit(cache=True, fastmath=_FM)(twin)
+        self.serial = njit(cache=_CACHE, fastmath=_FM, error_model=_EM)(twin)
 
     def pick(self, threads: int):
         """The version to run on ``threads`` threads: serial for 1."""
@@ -107,27 +177,27 @@ class Kernel:
 # reassociated across them: no ``(acc + x) - s`` from ``acc + (x - s)``, no contraction.
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _dev(x, s):  # pragma: no cover
     return x - s
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _sq(v):  # pragma: no cover
     return v * v
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _mul(a, b):  # pragma: no cover
     return a * b
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _xhat(x, sh, de, r):  # pragma: no cover
     return ((x - sh) - de) * r
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _g_xhat(g, x, sh, de, r):  # pragma: no cover
     return g * (((x - sh) - de) * r)
 
@@ -139,7 +209,7 @@ def _g_xhat(g, x, sh, de, r):  # pragma: no cover
 # every 256 elements: 2x slower in cache, 0.75 against 0.4 ns an element.)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=_CACHE, fastmath={"reassoc"}, error_model=_EM)
 def _chunk_moments(xf, s):  # pragma: no cover
     """(sum v, sum v^2) over the slice xf, v = xf - s, in xf's dtype."""
     a = xf.dtype.type(0)
@@ -151,7 +221,7 @@ def _chunk_moments(xf, s):  # pragma: no cover
     return np.float64(a), np.float64(q)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=_CACHE, fastmath={"reassoc"}, error_model=_EM)
 def _chunk_grad_moments(xf, gf, sh, de, r):  # pragma: no cover
     """(sum g xhat, sum g) over the slice xf (gf: as long or longer), in xf's dtype."""
     a = xf.dtype.type(0)
@@ -163,7 +233,7 @@ def _chunk_grad_moments(xf, gf, sh, de, r):  # pragma: no cover
     return np.float64(a), np.float64(q)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=_CACHE, fastmath={"reassoc"}, error_model=_EM)
 def _chunk_row_grads(xq, gq, wq, dwq, dbq, sh, de, r):  # pragma: no cover
     """:func:`_row_grads` over one slice: dwq += g xhat, dbq += g (elementwise, strict
     products), and (sum g w xhat, sum g w) in xq's dtype."""
@@ -180,7 +250,7 @@ def _chunk_row_grads(xq, gq, wq, dwq, dbq, sh, de, r):  # pragma: no cover
     return np.float64(a), np.float64(q)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _moments(seg, s):  # pragma: no cover
     """(sum v, sum v^2) over ``seg`` of v = seg - s, s a value of seg's dtype (its sample), in
     float64: slice sums of :func:`_chunk_moments` joined in float64."""
@@ -194,7 +264,7 @@ def _moments(seg, s):  # pragma: no cover
     return t1, t2
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _grad_moments(seg, g, sh, de, r):  # pragma: no cover
     """(sum g * xhat, sum g) over one segment, xhat = ((seg - sh) - de) * r, in float64."""
     n = seg.shape[0]
@@ -208,7 +278,7 @@ def _grad_moments(seg, g, sh, de, r):  # pragma: no cover
     return t1, t2
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _row_grads(row, g, w, sh, de, r, dwt, dbt):  # pragma: no cover
     """LayerNorm-style row (per-element parameters): add g * xhat and g into ``dwt``/``dbt``
     (the block's partial parameter gradients) and return (sum g w xhat, sum g w) in float64."""
@@ -227,7 +297,7 @@ def _row_grads(row, g, w, sh, de, r, dwt, dbt):  # pragma: no cover
 # --- rows: one statistic per row of x (M, D); parameters per channel, D / seg channels a row
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _store_stats(stats, i, s, s1, s2, count, eps, centered):  # pragma: no cover
     """stats[:, i] = (shift, delta, rstd, var) of a set of ``count`` values from its shifted sums
     s1 = sum(x - s), s2 = sum((x - s)^2); not centered: delta 0 and var the mean square."""
@@ -239,7 +309,7 @@ def _store_stats(stats, i, s, s1, s2, count, eps, centered):  # pragma: no cover
     stats[3, i] = v
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _row_stats(row, eps, centered, stats, i):  # pragma: no cover
     """Statistics of one row into stats[:, i]; returns (shift, delta, rstd) in row's dtype."""
     d = row.shape[0]
@@ -255,7 +325,7 @@ def _row_stats(row, eps, centered, stats, i):  # pragma: no cover
 # Numba's one-time setup). Later processes load the kernels from Numba's on-disk cache.
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _row(row, w, b, eps, centered, out, stats, i):  # pragma: no cover
     """One LayerNorm/RMSNorm row: statistics into stats[:, i], then out."""
     sh, de, r = _row_stats(row, eps, centered, stats, i)
@@ -263,7 +333,7 @@ def _row(row, w, b, eps, centered, out, stats, i):  # pragma: no cover
         out[j] = ((row[j] - sh) - de) * (r * w[j]) + b[j]
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _segments(row, w, b, seg, eps, out, stats, i):  # pragma: no cover
     """One row of D / seg channel segments (w, b: this row's channels): stats, then out."""
     sh, de, r = _row_stats(row, eps, True, stats, i)
@@ -276,7 +346,7 @@ def _segments(row, w, b, seg, eps, out, stats, i):  # pragma: no cover
             oc[j] = ((xc[j] - sh) - de) * a + bb
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _row_backward(row, g, w, stats, i, centered, out, dwt, dbt, cs):  # pragma: no cover
     """dx of one LayerNorm/RMSNorm row into out; g xhat and g added into dwt, dbt."""
     d = row.shape[0]
@@ -289,7 +359,7 @@ def _row_backward(row, g, w, stats, i, centered, out, dwt, dbt, cs):  # pragma: 
         out[j] = r * (g[j] * w[j] - k2 - (((row[j] - sh) - de) * r) * k1)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _segments_backward(row, g, w, seg, stats, i, out, dwt, dbt, cs):  # pragma: no cover
     """dx of one row of channel segments (w, dwt, dbt: this row's channels)."""
     d = row.shape[0]
@@ -355,7 +425,7 @@ def segments_forward(x, w, b, seg, eps, y, stats):  # pragma: no cover
             _segments(x[i], w[base:base + cpr], b[base:base + cpr], seg, eps, y[i], stats, i)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def running_update(stats, rm, rv, momentum, unbias):  # pragma: no cover
     """BatchNorm's running-statistics update in place, the formula of torch's CPU BatchNorm in
     the buffers' dtype (stats' dtype): ``r = m * new + (1 - m) * r`` per channel, with the
@@ -370,7 +440,7 @@ def running_update(stats, rm, rv, momentum, unbias):  # pragma: no cover
         rv[c] = m * (stats[3, c] * u) + k * rv[c]
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _join_blocks(dw_part, db_part, dw, db):  # pragma: no cover
     """dw, db = the per-block partials summed over the blocks in order, in float64."""
     for j in range(dw.shape[0]):
@@ -427,14 +497,14 @@ def segments_backward(x, w, dy, stats, seg, blocks, dx, dw, db):  # pragma: no c
 # --- nchw: one statistic per channel of x (N, C, L), over N and L (BatchNorm)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _affine_seg(xr, s0, d0, a0, b0, yr):  # pragma: no cover
     """yr = ((xr - s0) - d0) * a0 + b0 over one slice of one channel."""
     for j in range(xr.shape[0]):
         yr[j] = ((xr[j] - s0) - d0) * a0 + b0
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _dx_seg(xr, gr, sh, de, r, a0, c1, c2, out):  # pragma: no cover
     """out = a0 (gr - c2 - xhat c1) over one slice of one channel, xhat = ((xr - sh) - de) r."""
     for j in range(xr.shape[0]):
@@ -521,7 +591,7 @@ def nchw_dx(x, dy, stats, a, k1, k2, dx):  # pragma: no cover
 _ROWS = 64
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _rows_moments(xb, shp, a1, a2):  # pragma: no cover
     """a1, a2 (C) += sum(v), sum(v^2) over the rows of xb (k, C), v = x - shp."""
     for r in range(xb.shape[0]):
@@ -532,7 +602,7 @@ def _rows_moments(xb, shp, a1, a2):  # pragma: no cover
             a2[c] += v * v
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _rows_affine(xb, shp, dep, ap, bp, yb):  # pragma: no cover
     """yb = ((xb - shp) - dep) * ap + bp over a block of rows (k, C)."""
     for r in range(xb.shape[0]):
@@ -541,7 +611,7 @@ def _rows_affine(xb, shp, dep, ap, bp, yb):  # pragma: no cover
             yr[c] = ((xr[c] - shp[c]) - dep[c]) * ap[c] + bp[c]
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _rows_grad_moments(xb, gb, shp, dep, rp, a1, a2):  # pragma: no cover
     """a1, a2 (C) += sum(g * xhat), sum(g) over a block of rows (k, C)."""
     for r in range(xb.shape[0]):
@@ -552,7 +622,7 @@ def _rows_grad_moments(xb, gb, shp, dep, rp, a1, a2):  # pragma: no cover
             a2[c] += g
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _rows_dx(xb, gb, shp, dep, rp, wp, c1, c2, ob):  # pragma: no cover
     """ob = r (g w - c2 - xhat c1) over a block of rows (k, C)."""
     for r in range(xb.shape[0]):
@@ -569,7 +639,7 @@ def _rows_dx(xb, gb, shp, dep, rp, wp, c1, c2, ob):  # pragma: no cover
 # and re-optimizes its callees' code, which made the first call's compilation 3-4x slower.)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _join_chunks(s1, s2, u1, u2):  # pragma: no cover
     """u1, u2 (C) = s1, s2 (T, C) summed over the chunks, in chunk order, one row at a time."""
     u1[:] = 0.0
@@ -581,7 +651,7 @@ def _join_chunks(s1, s2, u1, u2):  # pragma: no cover
             u2[c] += q[c]
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, count, eps, st):  # pragma: no cover
     """Statistics into st (4, P*G) from the chunk partials s1, s2 (P, T, C) float64 and the
     shifts sh (P, C) (or from the given per-channel ``mean``/``var`` when they are not empty:
@@ -628,7 +698,7 @@ def _nhwc_finish(s1, s2, sh, w, b, mean, var, cpg, count, eps, st):  # pragma: n
     return de, a, bb
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _nhwc_unpack(st, p_, c_, cpg):  # pragma: no cover
     """stats (4, P*G) -> shift, delta, rstd as (P, C) arrays, repeated over each group."""
     sh = np.empty((p_, c_), st.dtype)
@@ -641,7 +711,7 @@ def _nhwc_unpack(st, p_, c_, cpg):  # pragma: no cover
     return sh, de, r
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model=_EM)
 def _nhwc_grad_finish(s1, s2, w, cpg, count, input_stats, dw, db):  # pragma: no cover
     """From the chunk partials s1, s2 (P, T, C) of sum(dy xhat), sum(dy): dw, db (C) (summed
     over P), and the (P, C) arrays w, k1 = <dy w xhat>, k2 = <dy w> over each (p, group) of
@@ -812,7 +882,7 @@ def _f2h(typingctx, f, dt):  # pragma: no cover
     return dt.dtype(f, dt), codegen
 
 
-@njit(cache=True)
+@njit(cache=_CACHE, error_model=_EM)
 def _widen(src, dst):  # pragma: no cover
     """16-bit bit patterns (bfloat16 uint16, float16 int16) -> float32 dst, exact; vectorizes
     (vpmovzxwd + vpslld, or vcvtph2ps)."""
@@ -820,7 +890,7 @@ def _widen(src, dst):  # pragma: no cover
         dst[j] = _h2f(src[j])
 
 
-@njit(cache=True)
+@njit(cache=_CACHE, error_model=_EM)
 def _narrow(src, dst):  # pragma: no cover
     """float32 src -> 16-bit bit patterns dst (bfloat16 uint16, float16 int16), as torch's
     ``.bfloat16()`` / ``.half()``: round to nearest even, NaN stays NaN. Vectorizes (the bfloat16
@@ -1042,7 +1112,7 @@ def nchw_backward_16(x, dy, stats, w, input_stats, dx, sum_g_xhat, sum_g):  # pr
 # the per-channel sums run over the same _ROWS-row groups as the float32 kernels.
 
 
-@njit(cache=True)
+@njit(cache=_CACHE, error_model=_EM)
 def _sub(c):  # pragma: no cover
     return max(1, min(_ROWS, _S // max(c, 1)))
 
@@ -1152,3 +1222,4 @@ def nhwc_dx_16(x, dy, st, w, s1, s2, cpg, input_stats, chunks, dx, dw,
             _narrow(of, op[k0 * c_:(k0 + k) * c_])
 
 
+_guard_caches(globals())

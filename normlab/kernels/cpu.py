@@ -196,6 +196,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 _ROWS = ("layer", "rms")
+_CHANNEL_KINDS = ("batch", "group", "rms")  # outputs keep channels_last (E.output_like)
 
 
 def _dense(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -303,11 +304,12 @@ def _same_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tens
     return t.contiguous()
 
 
-def _outputs(x: torch.Tensor, xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the output, where the kernels write it): x's memory layout as the reference engine's
-    ``empty_like(x)``; the kernels write xk's layout (a scratch copied over when they differ)."""
-    out = torch.empty_like(x)
-    if xk is x or out.stride() == xk.stride():
+def _outputs(x: torch.Tensor, xk: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output, where the kernels write it): torch's layout (:func:`~normlab._engine.
+    output_like`: contiguous, channels-last kept by the channel norms); the kernels write xk's
+    layout (a scratch copied over when they differ)."""
+    out = E.output_like(x, kind in _CHANNEL_KINDS)
+    if out.stride() == xk.stride():
         return out, out
     return out, torch.empty_like(xk)
 
@@ -341,7 +343,7 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     acc = _ACC[x.dtype]
     xk = _dense(x, kind)
     layout, shape, sets, npar = _plan(xk, kind, groups)
-    y, yk = _outputs(x, xk)
+    y, yk = _outputs(x, xk, kind)
     st = np.empty((4, sets), _NP[acc])
     xs, ys = _kernel_array(xk, layout, shape), _kernel_array(yk, layout, shape)
     half = x.dtype in _HALF
@@ -388,7 +390,8 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
 
 @cpu_norm.register_fake
 def _(x, weight, bias, mean, var, kind, groups, eps):
-    return torch.empty_like(x), x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype))
+    return (E.output_like(x, kind in _CHANNEL_KINDS),
+            x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype)))
 
 
 def _affine(xs, st, w, b, ys, nt, half) -> None:
@@ -415,7 +418,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
     xs, gs, st = _kernel_array(xk, layout, shape), _kernel_array(gk, layout, shape), stats.numpy()
     fdt = np.float32 if half else xs.dtype
     if need_dx:
-        dx, dxk = _outputs(x, xk)
+        dx, dxk = _outputs(x, xk, kind)
         if dxk.dtype is not xk.dtype:
             dxk = torch.empty_like(xk)
         dxs = _kernel_array(dxk, layout, shape)
@@ -470,7 +473,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
 def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
     npar = _nparams(x, kind, groups)
     acc = _acc(x.dtype)
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = E.output_like(x, kind in _CHANNEL_KINDS) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 

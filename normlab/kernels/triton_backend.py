@@ -13,8 +13,8 @@ fake implementations, so ``torch.compile(fullgraph=True)`` traces through them:
 
 The kernels live in :mod:`.triton_rows` (LayerNorm, RMSNorm and the residual add, rows of any
 width) and :mod:`.triton_channels` (GroupNorm, InstanceNorm, BatchNorm; NCHW and channels-last
-read in place). Other strides are copied to contiguous first; outputs have ``empty_like(x)``'s
-layout, as the reference engine's. Weight and bias gradients are per-program partial sums
+read in place). Other strides are copied to contiguous first; outputs have torch's layout
+(:func:`normlab._engine.output_like`), as every backend's. Weight and bias gradients are per-program partial sums
 reduced in a fixed order: deterministic.
 
 The backend runs CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` was set before this
@@ -71,11 +71,19 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() or _channels_last(x) else x.contiguous()
 
 
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` (x's values) in the layout of ``empty_like(x)``: t itself when the strides agree."""
-    if t.stride() == x.stride():
+_CHANNEL_KINDS = ("batch", "group", "rms")  # outputs keep channels_last (E.output_like)
+
+
+def _out(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return E.output_like(x, kind in _CHANNEL_KINDS)
+
+
+def _like(t: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``t`` (x's values) in torch's output layout for x (:func:`~normlab._engine.output_like`):
+    t itself when the strides agree."""
+    out = _out(x, kind)
+    if t.stride() == out.stride():
         return t
-    out = torch.empty_like(x)
     out.copy_(t)
     return out
 
@@ -108,7 +116,7 @@ def triton_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
         shape = _rows_shape(x, groups)
         y, _, mu, rstd = R.rows_forward(x.contiguous().view(shape), _flat(weight), _flat(bias),
                                         eps, kind == "layer")
-        return _like(y.view(x.shape), x), _stats(mu, rstd, None, eps, acc)
+        return _like(y.view(x.shape), x, kind), _stats(mu, rstd, None, eps, acc)
     xd = _dense(x)
     if kind == "group":
         y, mu, rstd = C.group_forward(xd, _flat(weight), _flat(bias), groups, eps)
@@ -116,13 +124,13 @@ def triton_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     else:
         y, mu, v, rstd = C.batch_forward(xd, _flat(weight), _flat(bias), eps,
                                          _flat(mean), _flat(var))
-    return _like(y, x), _stats(mu, rstd, v, eps, acc)
+    return _like(y, x, kind), _stats(mu, rstd, v, eps, acc)
 
 
 @triton_norm.register_fake
 def _(x, weight, bias, mean, var, kind, groups, eps):
-    return torch.empty_like(x), x.new_empty((3, _nstats(x, kind, groups)),
-                                            dtype=E.compute_dtype(x.dtype))
+    return _out(x, kind), x.new_empty((3, _nstats(x, kind, groups)),
+                                      dtype=E.compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlab::triton_norm_backward", mutates_args=())
@@ -138,7 +146,7 @@ def triton_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.
         dx, dw, db = R.rows_backward(dy.contiguous().view(shape),
                                      x.contiguous().view(shape), _flat(weight), stats[0],
                                      stats[1], kind == "layer", dhv, need_dx=need_dx)
-        dx = _like(dx.view(x.shape), x) if need_dx else x.new_empty(0)
+        dx = _like(dx.view(x.shape), x, kind) if need_dx else x.new_empty(0)
     else:
         xd = _dense(x)
         g = _as_layout(dy, xd)
@@ -149,14 +157,14 @@ def triton_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.
         else:
             dx, dw, db = C.batch_backward(g, xd, _flat(weight), stats[0], stats[1], input_stats,
                                           need_dx=need_dx)
-        dx = _like(dx, x) if need_dx else x.new_empty(0)
+        dx = _like(dx, x, kind) if need_dx else x.new_empty(0)
     return dx, dw.reshape(npar).to(acc), db.reshape(npar).to(acc)
 
 
 @triton_norm_backward.register_fake
 def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
     npar, acc = _nparams(x, kind, groups), E.compute_dtype(x.dtype)
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = _out(x, kind) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 

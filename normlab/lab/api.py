@@ -109,9 +109,12 @@ class Context:
         if path.exists():
             try:
                 with open(path) as f:
-                    return json.load(f)["value"]
-            except (OSError, ValueError, KeyError):
-                pass  # a damaged file (not ours: ours are renamed into place whole): recompute
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                rec = None
+            if isinstance(rec, dict) and "value" in rec and rec.get("key", key) == key:
+                return rec["value"]
+            # a damaged or foreign file (ours are renamed into place whole): recompute
         value = fn()
         atomic_write_json(path, {"key": key, "value": value})
         self.computed.append(key)

@@ -69,7 +69,15 @@ def _load_user_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{path}: y must hold one integer label per image; got "
                              f"{y.dtype} of shape {y.shape} for {x.shape[0]} images")
-        return x, y.astype(np.int64)
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise ValueError(f"{path}: x holds {bad} NaN or infinite values of {x.size}; the "
+                             "images must be finite")
+        classes, y = np.unique(y, return_inverse=True)  # any integer ids -> 0..K-1, in order
+        if len(classes) < 2:
+            raise ValueError(f"{path}: y must hold at least two classes; it holds only "
+                             f"{classes.tolist()}")
+        return x, y.reshape(-1).astype(np.int64)
     from PIL import Image
 
     classes = sorted(p for p in path.iterdir() if p.is_dir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from ._script import Scriptable
 
 _SHAPES = {1: ("(N, C) or (N, C, L)", "N, L"), 2: ("(N, C, H, W)", "N, H, W"),
            3: ("(N, C, D, H, W)", "N, D, H, W")}
@@ -23,6 +24,11 @@ class _BatchNormForward:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # The buffers are passed only when they are used or to be updated.
         pass_buffers = not self.training or self.track_running_stats
+        if torch.jit.is_scripting():  # torch.jit.script compiles torch's function (_script.py)
+            return torch.nn.functional.batch_norm(
+                input, self.running_mean if pass_buffers else None,
+                self.running_var if pass_buffers else None, self.weight, self.bias,
+                use_batch_stats, factor, self.eps)
         return F.batch_norm(
             input,
             self.running_mean if pass_buffers else None,
@@ -63,7 +69,7 @@ def _doc(dim: int) -> str:
     """
 
 
-class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+class BatchNorm1d(Scriptable, _BatchNormForward, torch.nn.BatchNorm1d):
     __doc__ = _doc(1) + """
     >>> m = BatchNorm1d(3)
     >>> m(torch.tensor([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]])).detach()
@@ -75,9 +81,9 @@ class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
     """
 
 
-class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+class BatchNorm2d(Scriptable, _BatchNormForward, torch.nn.BatchNorm2d):
     __doc__ = _doc(2)
 
 
-class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+class BatchNorm3d(Scriptable, _BatchNormForward, torch.nn.BatchNorm3d):
     __doc__ = _doc(3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from ._script import Scriptable
 
 _SHAPES = {1: ("(N, C, L) or (C, L)", "L"), 2: ("(N, C, H, W) or (C, H, W)", "H, W"),
            3: ("(N, C, D, H, W) or (C, D, H, W)", "D, H, W")}
@@ -14,6 +15,11 @@ class _InstanceNormApply:
     and its handling of unbatched inputs."""
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # torch.jit.script compiles torch's function (_script.py)
+            return torch.nn.functional.instance_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias,
+                self.training or not self.track_running_stats,
+                self.momentum if self.momentum is not None else 0.0, self.eps)
         return F.instance_norm(
             input,
             self.running_mean,
@@ -52,11 +58,11 @@ def _doc(dim: int) -> str:
     """
 
 
-class InstanceNorm1d(_InstanceNormApply, torch.nn.InstanceNorm1d):
+class InstanceNorm1d(Scriptable, _InstanceNormApply, torch.nn.InstanceNorm1d):
     __doc__ = _doc(1)
 
 
-class InstanceNorm2d(_InstanceNormApply, torch.nn.InstanceNorm2d):
+class InstanceNorm2d(Scriptable, _InstanceNormApply, torch.nn.InstanceNorm2d):
     __doc__ = _doc(2) + """
     >>> x = torch.arange(32.).reshape(2, 4, 2, 2)
     >>> InstanceNorm2d(4)(x)[0, 0]
@@ -65,5 +71,5 @@ class InstanceNorm2d(_InstanceNormApply, torch.nn.InstanceNorm2d):
     """
 
 
-class InstanceNorm3d(_InstanceNormApply, torch.nn.InstanceNorm3d):
+class InstanceNorm3d(Scriptable, _InstanceNormApply, torch.nn.InstanceNorm3d):
     __doc__ = _doc(3)

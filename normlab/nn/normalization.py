@@ -6,9 +6,10 @@ import torch
 
 from .. import _checks
 from .. import functional as F
+from ._script import Scriptable
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(Scriptable, torch.nn.LayerNorm):
     r"""Layer Normalization (Ba et al., 2016), a drop-in for :class:`torch.nn.LayerNorm`.
 
     .. math::
@@ -33,10 +34,13 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # torch.jit.script compiles torch's function (_script.py)
+            return torch.nn.functional.layer_norm(input, self.normalized_shape, self.weight,
+                                                  self.bias, self.eps)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class GroupNorm(Scriptable, torch.nn.GroupNorm):
     r"""Group Normalization (Wu & He, 2018), a drop-in for :class:`torch.nn.GroupNorm`.
 
     .. math::
@@ -67,10 +71,13 @@ class GroupNorm(torch.nn.GroupNorm):
         super().__init__(num_groups, num_channels, *args, **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # torch.jit.script compiles torch's function (_script.py)
+            return torch.nn.functional.group_norm(input, self.num_groups, self.weight,
+                                                  self.bias, self.eps)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(Scriptable, torch.nn.RMSNorm):
     r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019), a drop-in for
     :class:`torch.nn.RMSNorm`.
 
@@ -95,6 +102,9 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # torch.jit.script compiles torch's function (_script.py)
+            return torch.nn.functional.rms_norm(input, self.normalized_shape, self.weight,
+                                                self.eps)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 

@@ -12,11 +12,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _checks, _engine
 from .._errors import ShapeError
 from .batchnorm import _BatchNormForward
+from ._script import Scriptable
 
 _NAME = "SyncBatchNorm"
 
 
-class SyncBatchNorm(_BatchNormForward, _BatchNorm):
+class SyncBatchNorm(Scriptable, _BatchNormForward, _BatchNorm):
     r"""Batch Normalization (Ioffe & Szegedy, 2015) over the *global* batch of all processes of
     a group, a drop-in for :class:`torch.nn.SyncBatchNorm` that also runs on CPU over gloo.
 

@@ -28,6 +28,7 @@ from .. import functional as F
 from .._errors import ArgumentError, ShapeError
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .normalization import LayerNorm, RMSNorm
+from ._script import Scriptable
 
 __all__ = [
     "LayerNorm2d", "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d",
@@ -418,7 +419,7 @@ class GhostBatchNorm2d(_GhostBatchNorm, BatchNorm2d):
 # --- 4. Weight Standardization
 
 
-class WSConv2d(torch.nn.Conv2d):
+class WSConv2d(Scriptable, torch.nn.Conv2d):
     r"""A :class:`torch.nn.Conv2d` with Weight Standardization (Qiao, Wang, Liu, Shen & Yuille,
     2019, "Micro-Batch Training with Batch-Channel Normalization and Weight Standardization").
 
@@ -489,7 +490,7 @@ class WSConv2d(torch.nn.Conv2d):
 # --- 5. Filter Response Normalization and TLU
 
 
-class FilterResponseNorm2d(torch.nn.Module):
+class FilterResponseNorm2d(Scriptable, torch.nn.Module):
     r"""Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan,
     2020, "Filter Response Normalization Layer: Eliminating Batch Dependence in the Training of
     Deep Neural Networks") over an ``(N, C, H, W)`` input.
@@ -569,7 +570,7 @@ class FilterResponseNorm2d(torch.nn.Module):
         return _same_layout(y.to(input.dtype), input)
 
 
-class TLU(torch.nn.Module):
+class TLU(Scriptable, torch.nn.Module):
     r"""Thresholded Linear Unit (Singh & Krishnan, 2020): :math:`z = \max(x, \tau_c)` with a
     learned per-channel threshold :math:`\tau` (zeros, so it starts as a ReLU).
 
@@ -601,7 +602,7 @@ class TLU(torch.nn.Module):
 # --- 6. Dynamic Tanh
 
 
-class DyT(torch.nn.Module):
+class DyT(Scriptable, torch.nn.Module):
     r"""Dynamic Tanh (Zhu, Chen, He, LeCun & Liu, 2025, "Transformers without Normalization"):
     a statistics-free replacement for LayerNorm in transformers.
 
@@ -729,7 +730,7 @@ def adaptive_instance_norm(content: torch.Tensor, style: torch.Tensor, eps: floa
     return _same_layout(y.to(content.dtype), content)
 
 
-class AdaIN(torch.nn.Module):
+class AdaIN(Scriptable, torch.nn.Module):
     r"""Adaptive Instance Normalization (Huang & Belongie, 2017) as a module:
     ``forward(content, style)`` is :func:`adaptive_instance_norm` (see there for the math).
 
