@@ -37,7 +37,8 @@ def row_norm(fn: str, x, given_shape, weight, bias=None) -> tuple[int, ...]:
                 and x.shape[-1] == shape[0] \
                 and (weight is None or (weight.dtype in _FLOATING and weight.shape == shape)) \
                 and (bias is None or (bias.dtype in _FLOATING and bias.shape == shape)) \
-                and _same_device(x, weight, bias):
+                and x.is_cpu and (weight is None or weight.is_cpu) \
+                and (bias is None or bias.is_cpu):  # (other devices: the full checks)
             return shape
     except AttributeError:
         pass
@@ -46,16 +47,6 @@ def row_norm(fn: str, x, given_shape, weight, bias=None) -> tuple[int, ...]:
     same_shape(fn, shape, weight=weight, bias=bias)
     devices(fn, x, weight=weight, bias=bias)
     return shape
-
-
-def _same_device(x, *tensors) -> bool:
-    """The fast test: on CPU, each given tensor is too (elsewhere, :func:`devices` compares)."""
-    if x.is_cpu:
-        for t in tensors:
-            if t is not None and not t.is_cpu:
-                return False
-        return True
-    return all(t is None or t.device == x.device for t in tensors)
 
 
 def devices(fn: str, x: torch.Tensor, **tensors) -> None:
@@ -72,8 +63,7 @@ def running_stats(fn: str, running_mean, running_var) -> None:
     if (running_mean is None) is not (running_var is None):
         raise ArgumentError(f"{fn}: running_mean and running_var must either both be None or "
                             f"neither be None; got only {'running_mean' if running_var is None else 'running_var'}")
-    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad) \
-            and torch.is_grad_enabled():
+    if torch.is_grad_enabled():  # (requires_grad: the caller found one that does)
         raise ArgumentError(f"{fn}: running_mean and running_var must not require grad (they "
                             "are statistics buffers, not parameters); pass .detach()ed tensors")
 
@@ -95,7 +85,10 @@ def channel_norm(fn: str, x, weight=None, bias=None, running_mean=None,
                                                   and running_mean.shape == (c,))) \
                     and (running_var is None or (running_var.dtype in _FLOATING
                                                  and running_var.shape == (c,))) \
-                    and _same_device(x, weight, bias, running_mean, running_var):
+                    and x.is_cpu and (weight is None or weight.is_cpu) \
+                    and (bias is None or bias.is_cpu) \
+                    and (running_mean is None or running_mean.is_cpu) \
+                    and (running_var is None or running_var.is_cpu):
                 return
     except AttributeError:
         pass

@@ -95,7 +95,8 @@ def batch_norm(
                                    momentum, eps)
     fn = "batch_norm"
     _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
-    if running_mean is not None or running_var is not None:
+    if (running_mean is None) is not (running_var is None) or (
+            running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)):
         _checks.running_stats(fn, running_mean, running_var)
     eps = float(eps)
     if training:
@@ -156,7 +157,8 @@ def instance_norm(
                                       use_input_stats, momentum, eps)
     fn = "instance_norm"
     _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
-    if running_mean is not None or running_var is not None:
+    if (running_mean is None) is not (running_var is None) or (
+            running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)):
         _checks.running_stats(fn, running_mean, running_var)
     if use_input_stats:
         _checks.more_than_one_value(fn, input, _checks.spatial_count(input), "spatial element")

@@ -91,3 +91,16 @@ def test_recheck_times_only_the_close_classes():
     # classes 0 and 3 have a ratio within the band: both their shapes, nothing else
     assert sorted({(c.size_class, c.variant) for c in close}) == [(0, 0), (0, 1), (3, 0),
                                                                    (3, 1)]
+
+
+def test_merge_takes_the_median_run_of_three(tmp_path):
+    cell = dispatch.cells(norms=["rms_norm"], dtypes=["float32"], passes=["fwd"])[0]
+    paths = []
+    for i, aten in enumerate((1.2, 1.3, 40.0)):  # the third run disturbed: ATen 40x slower
+        p = tmp_path / f"r{i}.csv"
+        dispatch.to_csv([dispatch.Timing(cell, 1.0, aten, 7)], str(p))
+        paths.append(str(p))
+    (merged,) = dispatch.from_csv(paths)
+    assert merged.ratio == pytest.approx(1.3) and merged.rounds == 21
+    (two,) = dispatch.from_csv(paths[:2])  # two runs: the geometric mean
+    assert two.ratio == pytest.approx((1.2 * 1.3) ** 0.5)

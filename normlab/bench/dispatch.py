@@ -272,8 +272,11 @@ def table(timings: Sequence[Timing], previous: dict | None = None) -> dict:
 
 
 def from_csv(paths: Sequence[str]) -> list[Timing]:
-    """The timings of earlier runs, one per cell: a cell timed in several runs gets the
-    geometric means of its times (so its ratio is the geometric mean of the runs' ratios)."""
+    """The timings of earlier runs, one per cell: a cell timed in two runs gets the geometric
+    means of its times (so its ratio is the geometric mean of the runs' ratios); one timed in
+    three or more, those of its median run by ratio (the two middle ones' geometric means for
+    an even count), so that one disturbed run (this VM moves a cell by 2x at times) cannot
+    decide it."""
     from .report import csv_rows
 
     by: dict[Cell, list] = {}
@@ -290,8 +293,13 @@ def from_csv(paths: Sequence[str]) -> list[Timing]:
                     raise ValueError(f"{path}: row {n}: {e}") from None
     out = []
     for cell, runs in by.items():
-        k = math.exp(statistics.fmean(math.log(r[0]) for r in runs))
-        a = math.exp(statistics.fmean(math.log(r[1]) for r in runs))
+        if len(runs) >= 3:  # the middle run(s) by ratio: one disturbed run cannot decide
+            runs = sorted(runs, key=lambda r: r[1] / r[0])
+            mid = runs[(len(runs) - 1) // 2: len(runs) // 2 + 1]
+        else:
+            mid = runs
+        k = math.exp(statistics.fmean(math.log(r[0]) for r in mid))
+        a = math.exp(statistics.fmean(math.log(r[1]) for r in mid))
         out.append(Timing(cell, k, a, sum(r[2] for r in runs)))
     return out
 
