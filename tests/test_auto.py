@@ -26,9 +26,9 @@ def test_the_committed_table_covers_every_cell():
             for c in dispatch.cells()}
     assert set(table) == want
     assert all(len(row) == len(auto.CLASS_EDGES) + 1 for row in table.values())
-    # the figures behind it: RMSNorm's kernels win everywhere in float32 (torch's RMSNorm is
-    # unfused on CPU), small LayerNorm forwards go to ATen
-    assert not any(table[("rms_norm", "rows", torch.float32, False)])
+    # the figures behind it: RMSNorm's kernels win from 4K elements up in float32 (torch's
+    # RMSNorm is unfused on CPU), small LayerNorm forwards go to ATen
+    assert not any(table[("rms_norm", "rows", torch.float32, False)][1:])
     assert table[("layer_norm", "rows", torch.float32, False)][0]
 
 

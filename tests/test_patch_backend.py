@@ -516,9 +516,10 @@ def spy(monkeypatch):
             monkeypatch.setattr(obj, fn, wrapper)
 
     def which():
-        NF.rms_norm(torch.randn(2, 3), (3,))  # (the first unforced call also warms the cell up)
+        x = torch.randn(16, 1024)  # 16K elements: a cell auto gives the kernels (RMSNorm
+        NF.rms_norm(x, (1024,))      # from 4K up); the first unforced call warms it up
         calls.clear()
-        NF.rms_norm(torch.randn(2, 3), (3,))  # (a cell auto gives the kernels at every size)
+        NF.rms_norm(x, (1024,))
         assert len(calls) == 1, calls
         return calls[0][0]
 
@@ -532,10 +533,10 @@ DEFAULT = "cpu" if "cpu" in normlab.available_backends() else "reference"
 def test_default_backend_is_auto(spy):
     assert normlab.current_backend() == "auto"
     assert spy() == DEFAULT
-    x = torch.randn(4, 6, 5) * 2 + 1
+    x = torch.randn(16, 64, 8) * 2 + 1  # (a kernels cell, as above)
     with normlab.backend(DEFAULT):
-        inside = NF.rms_norm(x, (5,))
-    assert torch.equal(NF.rms_norm(x, (5,)), inside)
+        inside = NF.rms_norm(x, (8,))
+    assert torch.equal(NF.rms_norm(x, (8,)), inside)
 
 
 def _functional_calls():
