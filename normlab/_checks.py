@@ -60,10 +60,12 @@ def devices(fn: str, x: torch.Tensor, **tensors) -> None:
 def running_stats(fn: str, running_mean, running_var) -> None:
     """Both running statistics or neither, and neither requiring grad while autograd records
     (torch's rules: they are buffers, updated in place, never differentiated)."""
-    if (running_mean is None) is not (running_var is None):
+    if running_mean is None and running_var is None:
+        return
+    if running_mean is None or running_var is None:
         raise ArgumentError(f"{fn}: running_mean and running_var must either both be None or "
                             f"neither be None; got only {'running_mean' if running_var is None else 'running_var'}")
-    if torch.is_grad_enabled():  # (requires_grad: the caller found one that does)
+    if (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
         raise ArgumentError(f"{fn}: running_mean and running_var must not require grad (they "
                             "are statistics buffers, not parameters); pass .detach()ed tensors")
 

@@ -130,8 +130,7 @@ _cpu_auto = None  # the Auto object for CPU tensors, made on first use
 # tracking, dual) or their calls are being recorded. Kernels that read memory cannot see through
 # them, and an autograd.Function has no batching or forward-derivative rule, so normlab.functional
 # then calls torch.nn.functional's norms, whatever backend is forced: they carry those rules, and
-# a trace records ATen's operators. The answers (and errors) are torch's own. (The functions
-# test the condition inline, each a few attribute reads: wrapped() is the readable form.)
+# a trace records ATen's operators. The answers (and errors) are torch's own.
 _fwad = torch.autograd.forward_ad
 _transforms_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as _torch_F
 
 from . import _checks
-from ._dispatch import _fwad, _tracing_state, _transforms_active, get_backend
+from ._dispatch import _fwad, _tracing_state, _transforms_active, get_backend, wrapped
 from ._engine import compute_dtype
 from ._errors import DTypeError
 
@@ -46,6 +46,15 @@ __all__ = [
     "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
     "add_layer_norm", "add_rms_norm",
 ]
+
+
+def _torch_answers(input) -> bool:
+    """Whether torch.nn.functional computes this call: wrapped tensors or a trace
+    (:func:`normlab._dispatch.wrapped`), or an empty input, where torch's answers (and its few
+    errors) are conventions, not arithmetic."""
+    # (wrapped()'s test written out: a Python call less on every norm call)
+    return _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
+        or (isinstance(input, torch.Tensor) and not input.numel())
 
 
 def _seq(normalized_shape):
@@ -89,15 +98,12 @@ def batch_norm(
             [ 0.0000,  0.0000,  0.0000],
             [ 1.2247,  1.2247,  1.2247]])
     """
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (isinstance(input, torch.Tensor) and not input.numel()):
+    if _torch_answers(input):
         return _torch_F.batch_norm(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps)
     fn = "batch_norm"
     _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
-    if (running_mean is None) is not (running_var is None) or (
-            running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)):
-        _checks.running_stats(fn, running_mean, running_var)
+    _checks.running_stats(fn, running_mean, running_var)
     eps = float(eps)
     if training:
         _checks.more_than_one_value(
@@ -151,15 +157,12 @@ def instance_norm(
     # (Not empty inputs: torch's InstanceNorm fails on an empty batch, an IndexError from
     # inside; normlab returns the empty output. eps == 0 with input statistics: torch's
     # convention, 1/sqrt(0) = 0 for a constant instance, comes from ATen.)
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (eps == 0 and use_input_stats):
+    if wrapped() or (eps == 0 and use_input_stats):
         return _torch_F.instance_norm(input, running_mean, running_var, weight, bias,
                                       use_input_stats, momentum, eps)
     fn = "instance_norm"
     _checks.channel_norm(fn, input, weight, bias, running_mean, running_var)
-    if (running_mean is None) is not (running_var is None) or (
-            running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)):
-        _checks.running_stats(fn, running_mean, running_var)
+    _checks.running_stats(fn, running_mean, running_var)
     if use_input_stats:
         _checks.more_than_one_value(fn, input, _checks.spatial_count(input), "spatial element")
     else:
@@ -196,8 +199,7 @@ def group_norm(
         weight, bias: ``(C,)`` affine parameters or None.
         eps: added to the variance. Default: 1e-5.
     """
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (isinstance(input, torch.Tensor) and not input.numel()):
+    if _torch_answers(input):
         return _torch_F.group_norm(input, num_groups, weight, bias, eps)
     fn = "group_norm"
     _checks.channel_norm(fn, input, weight, bias, vector_params=True)
@@ -235,8 +237,7 @@ def layer_norm(
             [-1.2247,  0.0000,  1.2247],
             [-1.2247,  0.0000,  1.2247]])
     """
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (isinstance(input, torch.Tensor) and not input.numel()):
+    if _torch_answers(input):
         return _torch_F.layer_norm(input, _seq(normalized_shape), weight, bias, eps)
     shape = _checks.row_norm("layer_norm", input, normalized_shape, weight, bias)
     return get_backend(input).layer_norm(input, shape, weight, bias, float(eps))
@@ -268,8 +269,7 @@ def rms_norm(
     >>> rms_norm(torch.tensor([[1., 2., 3.]]), (3,), eps=1e-8)
     tensor([[0.4629, 0.9258, 1.3887]])
     """
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (isinstance(input, torch.Tensor) and not input.numel()):
+    if _torch_answers(input):
         return _torch_F.rms_norm(input, _seq(normalized_shape), weight, eps)
     try:
         shape = _checks.row_norm("rms_norm", input, normalized_shape, weight)
@@ -335,8 +335,7 @@ def add_rms_norm(
     >>> y, h
     (tensor([[0.4629, 0.9258, 1.3887]]), tensor([[1., 2., 3.]]))
     """
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (isinstance(input, torch.Tensor) and not input.numel()):
+    if _torch_answers(input):
         h = input + residual
         return _torch_F.rms_norm(h, _seq(normalized_shape), weight, eps), h
     fn = "add_rms_norm"
@@ -385,8 +384,7 @@ def add_layer_norm(
     >>> y, h
     (tensor([[-1.2247,  0.0000,  1.2247]]), tensor([[1., 2., 3.]]))
     """
-    if _fwad._current_level >= 0 or _transforms_active() or _tracing_state() is not None \
-            or (isinstance(input, torch.Tensor) and not input.numel()):
+    if _torch_answers(input):
         h = input + residual
         return _torch_F.layer_norm(h, _seq(normalized_shape), weight, bias, eps), h
     fn = "add_layer_norm"

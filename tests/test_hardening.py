@@ -5,6 +5,7 @@ torch.jit.script compiles the drop-ins' torch branch or names torch.export; outp
 layout; modules of classes made at run time pickle; fold_batchnorm checks Linear outputs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -25,16 +26,8 @@ from normlab._errors import ShapeError
 BACKENDS = ["auto", "cpu", "reference", "torch"]
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _backend(name):
-    return _Null() if name == "auto" else normlab.backend(name)
+    return contextlib.nullcontext() if name == "auto" else normlab.backend(name)
 
 
 ROW_FNS = {

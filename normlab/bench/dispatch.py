@@ -10,8 +10,9 @@ ATen's median time over the kernels'; the kernels are chosen for the cell where 
 mean of its shapes' ratios is above 1 and neither is below 0.9 (a shape in a class can favour
 the other side: the rule leans towards ATen, never much slower than it). A shape whose
 ratio is within ``recheck`` of 1 is timed again with twice the rounds and decided on all its
-samples (this VM's noise is 10-30% per cell). ``--from-csv`` merges runs: a cell's ratio
-becomes the geometric mean of its runs' (the committed table merges two full runs).
+samples (this VM's noise is 10-30% per cell). ``--dispatch-recheck`` times a run's close
+classes again and ``--from-csv`` merges runs (:func:`from_csv`: the geometric mean of two, the
+median run of three or more; the committed table merges four, see its ``command`` field).
 
 ``fwd`` runs under ``torch.no_grad()``; ``train`` is the forward with x and the parameters
 requiring gradients, then ``backward`` with an upstream gradient in x's memory layout (fresh

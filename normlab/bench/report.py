@@ -173,15 +173,12 @@ def from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Res
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
 
-    def num(text, cast=float):
-        return None if text in (None, "") else cast(text)
-
     out: dict = {}
     for path in paths:
         with open(path, newline="") as f:
             for n, row in enumerate(csv_rows(f, path, _REQUIRED), 2):
                 try:
-                    r = _result(row, Cell, Result, num)
+                    r = _result(row, Cell, Result)
                 except ValueError as e:
                     raise ValueError(f"{path}: row {n}: {e}") from None
                 seen = out.get((r.cell, r.peer))
@@ -190,7 +187,12 @@ def from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Res
     return list(out.values())
 
 
-def _result(row: dict, Cell, Result, num) -> "Result":
+def _num(text, cast=float):
+    return None if text in (None, "") else cast(text)
+
+
+def _result(row: dict, Cell, Result) -> "Result":
+    """One CSV row as a Result (``Cell``, ``Result``: the harness's classes, imported late)."""
     cell = Cell(row["norm"], row["layout"], row["dtype"],
                 tuple(int(d) for d in row["shape"].split("x")), row["pass"],
                 int(row["groups"] or 0))
@@ -198,11 +200,11 @@ def _result(row: dict, Cell, Result, num) -> "Result":
         cell=cell, peer=row["peer"], impl=row["impl"], ms=float(row["ms"]),
         ms_min=float(row["ms_min"]), rounds=int(row["rounds"]),
         reps=int(row["reps"]), copy_gbps=float(row["copy_gbps"]),
-        threads=int(row["threads"]), compile_s=num(row.get("compile_s")),
-        max_abs_diff=num(row.get("max_abs_diff")), error=row.get("error") or None,
-        load=num(row.get("load")), device=row.get("device") or "cpu",
+        threads=int(row["threads"]), compile_s=_num(row.get("compile_s")),
+        max_abs_diff=_num(row.get("max_abs_diff")), error=row.get("error") or None,
+        load=_num(row.get("load")), device=row.get("device") or "cpu",
         device_name=row.get("device_name") or "", timing=row.get("timing") or "",
-        copy_mib=num(row.get("copy_mib"), int) or 0,
+        copy_mib=_num(row.get("copy_mib"), int) or 0,
         versions=row.get("versions") or (f"torch {row['torch']}" if row.get("torch") else ""))
 
 

@@ -32,6 +32,16 @@ from .. import _engine as E
 from .reference import BACKEND as _REFERENCE
 
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: The operator kinds whose outputs keep a channels_last input's format, as torch's BatchNorm,
+#: GroupNorm and RMSNorm do (InstanceNorm, kind "group" too, reads a contiguous copy: see
+#: FusedBackend.instance_norm).
+KEEPS_CHANNELS_LAST = ("batch", "group", "rms")
+
+
+def output_for(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """An empty output (or dx) of an operator of ``kind`` on x, in torch's layout
+    (:func:`~normlab._engine.output_like`)."""
+    return E.output_like(x, kind in KEEPS_CHANNELS_LAST)
 
 
 def reference_forward(x, weight, bias, mean, var, kind, groups, eps):

@@ -50,7 +50,7 @@ from numba.np.ufunc import parallel as _nparallel
 
 from .. import _engine as E
 from . import _numba_kernels as K
-from ._fused import FLOATS, FusedBackend, Ops
+from ._fused import FLOATS, FusedBackend, Ops, output_for
 
 _NONE = {np.dtype(np.float32): np.empty((0, 0), np.float32),  # "no array" for the kernels
          np.dtype(np.float64): np.empty((0, 0), np.float64)}
@@ -196,7 +196,6 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 _ROWS = ("layer", "rms")
-_CHANNEL_KINDS = ("batch", "group", "rms")  # outputs keep channels_last (E.output_like)
 
 
 def _dense(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -308,7 +307,7 @@ def _outputs(x: torch.Tensor, xk: torch.Tensor, kind: str) -> tuple[torch.Tensor
     """(the output, where the kernels write it): torch's layout (:func:`~normlab._engine.
     output_like`: contiguous, channels-last kept by the channel norms); the kernels write xk's
     layout (a scratch copied over when they differ)."""
-    out = E.output_like(x, kind in _CHANNEL_KINDS)
+    out = output_for(x, kind)
     if out.stride() == xk.stride():
         return out, out
     return out, torch.empty_like(xk)
@@ -390,7 +389,7 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
 
 @cpu_norm.register_fake
 def _(x, weight, bias, mean, var, kind, groups, eps):
-    return (E.output_like(x, kind in _CHANNEL_KINDS),
+    return (output_for(x, kind),
             x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype)))
 
 
@@ -473,7 +472,7 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
 def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
     npar = _nparams(x, kind, groups)
     acc = _acc(x.dtype)
-    dx = E.output_like(x, kind in _CHANNEL_KINDS) if need_dx else x.new_empty(0)
+    dx = output_for(x, kind) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 

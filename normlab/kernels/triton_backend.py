@@ -32,7 +32,7 @@ import torch
 from .. import _engine as E
 from . import triton_channels as C
 from . import triton_rows as R
-from ._fused import FLOATS, FusedBackend, Ops
+from ._fused import FLOATS, FusedBackend, Ops, output_for
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -71,17 +71,10 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() or _channels_last(x) else x.contiguous()
 
 
-_CHANNEL_KINDS = ("batch", "group", "rms")  # outputs keep channels_last (E.output_like)
-
-
-def _out(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return E.output_like(x, kind in _CHANNEL_KINDS)
-
-
 def _like(t: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
     """``t`` (x's values) in torch's output layout for x (:func:`~normlab._engine.output_like`):
     t itself when the strides agree."""
-    out = _out(x, kind)
+    out = output_for(x, kind)
     if t.stride() == out.stride():
         return t
     out.copy_(t)
@@ -129,8 +122,8 @@ def triton_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
 
 @triton_norm.register_fake
 def _(x, weight, bias, mean, var, kind, groups, eps):
-    return _out(x, kind), x.new_empty((3, _nstats(x, kind, groups)),
-                                      dtype=E.compute_dtype(x.dtype))
+    return output_for(x, kind), x.new_empty((3, _nstats(x, kind, groups)),
+                                            dtype=E.compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("normlab::triton_norm_backward", mutates_args=())
@@ -164,7 +157,7 @@ def triton_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.
 @triton_norm_backward.register_fake
 def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
     npar, acc = _nparams(x, kind, groups), E.compute_dtype(x.dtype)
-    dx = _out(x, kind) if need_dx else x.new_empty(0)
+    dx = output_for(x, kind) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 

@@ -19,8 +19,9 @@ _METHODS = ("forward", "_apply_instance_norm")  # what the drop-ins compute with
 
 
 class Scriptable:
-    """Mixin of the nine drop-ins: ``__prepare_scriptable__`` (called by ``torch.jit.script`` on
-    each module) lets a module script only where its computing methods are a drop-in's."""
+    """Mixin of normlab's modules (the nine drop-ins, the zoo, SyncBatchNorm) and of patched
+    classes: ``__prepare_scriptable__`` (called by ``torch.jit.script`` on each module) lets a
+    module script only where its computing methods are a drop-in's, else raises."""
 
     def __prepare_scriptable__(self):
         cls = type(self)
