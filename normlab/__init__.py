@@ -12,8 +12,11 @@
 * :func:`backend` - force a backend (``"reference"``, ``"torch"``) inside a ``with`` block.
 * :func:`background_warmup`, :func:`wait_for_kernels` - whether ``auto`` prepares the cpu
   kernels in a background thread (ATen computing meanwhile), and waiting for them.
+* :mod:`normlab.registry` - the one list of norms that everything above iterates over.
 """
 from . import functional, nn
+from . import _norms  # noqa: F401  (registers torch's five norms: normlab.registry)
+from . import registry
 from ._dispatch import (available_backends, background_warmup, backend, current_backend,
                         wait_for_kernels)
 from ._errors import ArgumentError, BackendUnavailableError, DTypeError, ShapeError
@@ -23,7 +26,7 @@ from .tools import fold_batchnorm, freeze_batchnorm, swap_norms, unfreeze_batchn
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional", "nn", "patch", "swap_norms", "fold_batchnorm", "freeze_batchnorm",
+    "functional", "nn", "registry", "patch", "swap_norms", "fold_batchnorm", "freeze_batchnorm",
     "unfreeze_batchnorm", "backend", "available_backends", "current_backend",
     "background_warmup", "wait_for_kernels",
     "ArgumentError", "ShapeError", "DTypeError", "BackendUnavailableError", "__version__",

@@ -115,7 +115,7 @@ def floating_tensor(fn: str, x, name: str = "input") -> None:
     if not x.is_floating_point():
         raise DTypeError(
             f"{fn}: expected a floating-point {name} (float16, bfloat16, float32 or float64), "
-            f"got {x.dtype}; convert it first, e.g. x.float()"
+            f"got {x.dtype}; convert it first, e.g. {'x' if name == 'input' else name}.float()"
         )
 
 
@@ -132,23 +132,13 @@ def floating_input(fn: str, x, min_dim: int, layout: str) -> None:
 def residual(fn: str, x: torch.Tensor, residual) -> None:
     """``residual`` is a real floating-point tensor of exactly ``x``'s shape (no broadcasting:
     a residual stream is never smaller than the branch added to it) on ``x``'s device."""
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"{fn}: expected a torch.Tensor residual, got {type(residual).__name__}")
-    if not residual.is_floating_point():
-        raise DTypeError(
-            f"{fn}: expected a floating-point residual (float16, bfloat16, float32 or float64), "
-            f"got {residual.dtype}; convert it first, e.g. residual.float()"
-        )
+    floating_tensor(fn, residual, "residual")
     if _shape(residual) != _shape(x):
         raise ShapeError(
             f"{fn}: residual must have exactly the input's shape {_shape(x)} (no broadcasting), "
             f"got residual of shape {_shape(residual)}"
         )
-    if residual.device != x.device:
-        raise ArgumentError(
-            f"{fn}: input and residual must be on the same device, got input on {x.device} "
-            f"and residual on {residual.device}"
-        )
+    devices(fn, x, residual=residual)
 
 
 def _floating_param(fn: str, name: str, t: torch.Tensor) -> None:
@@ -172,11 +162,16 @@ def per_channel(fn: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> Non
             )
 
 
-def more_than_one_value(fn: str, x: torch.Tensor, count: int, what: str) -> None:
-    """Training statistics need more than one value per statistics set."""
-    if count == 1:
+def more_than_one_value(fn: str, x: torch.Tensor, count: int, what: str, *,
+                        across: str = "") -> None:
+    """Training statistics need more than one value per statistics set. ``across`` names sets
+    that extend beyond ``x`` (``"all ranks of the process group"``): ``count`` is then theirs,
+    and 0 is refused too."""
+    if count == 1 or (across and count < 1):
+        got = f"{count} over {across} (this rank's input has shape {_shape(x)})" if across \
+            else f"input of shape {_shape(x)}"
         raise ShapeError(
-            f"{fn}: expected more than 1 {what} when training, got input of shape {_shape(x)}: "
+            f"{fn}: expected more than 1 {what} when training, got {got}: "
             "the variance of a single value is 0, so the output would be all zeros. Use a larger "
             "batch, eval mode (running statistics), or a GroupNorm/LayerNorm instead"
         )
@@ -273,10 +268,8 @@ def groups(fn: str, num_groups, num_channels: int) -> int:
         raise ShapeError(f"{fn}: num_groups must be a positive integer, got {num_groups!r}")
     if num_channels % num_groups != 0:
         divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
-        raise ShapeError(
-            f"{fn}: the number of channels ({num_channels}) must be divisible by num_groups "
-            f"({num_groups}); valid num_groups for {num_channels} channels: {divisors}"
-        )
+        raise ShapeError(f"{fn} has C={num_channels} channels, not divisible by num_groups="
+                         f"{num_groups} (valid: {divisors})")
     return num_groups
 
 

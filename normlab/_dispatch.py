@@ -1,18 +1,17 @@
-"""Backends behind one small interface, and the ``backend`` context manager that forces one.
+"""Backends behind one interface (:class:`Backend`), and the ``backend`` context manager that
+forces one.
 
-A backend is an object with the five methods ``batch_norm``, ``instance_norm``, ``group_norm``,
-``layer_norm`` and ``rms_norm``. They receive arguments that :mod:`normlab.functional` has
-already validated and canonicalized (``normalized_shape`` a tuple, ``eps`` a float), and they
-implement exactly the semantics of the torch function of the same name, including in-place
-running-statistics updates.
+A backend implements the norms of :mod:`normlab.functional` with exactly the semantics of the
+torch functions of the same names, in-place running-statistics updates included, and
+``normalize(x, red, weight, bias, eps)`` for any other registered norm's
+:class:`~normlab._engine.Reduction` (:mod:`normlab.registry`). It receives arguments that
+:mod:`normlab.functional` has validated and canonicalized (``normalized_shape`` a tuple,
+``eps`` a float). Every backend is checked against :class:`Backend` when it is loaded.
 
 The choice is read on every call (a :class:`contextvars.ContextVar`, so it is per thread and per
 asyncio task), never captured at import time. Unforced, the choice is ``"auto"``: the fused
 ``cpu`` kernels for CPU tensors (when Numba is installed), the ``triton`` kernels for CUDA
 tensors (when Triton is installed), the ``reference`` engine elsewhere.
-
-Backends may also offer ``add_layer_norm`` and ``add_rms_norm`` (residual add fused with the
-norm); :mod:`normlab.functional` composes ``x + residual`` and the norm for those that don't.
 """
 from __future__ import annotations
 
@@ -20,55 +19,102 @@ import contextlib
 import contextvars
 import importlib
 import importlib.util
-from typing import Iterator
+import inspect
+from typing import Iterator, Protocol
 
 import torch
 
 from ._errors import BackendUnavailableError
 
-# name -> "module:attribute" of the backend object, imported on first use.
-_KNOWN = {
-    "reference": "normlab.kernels.reference:BACKEND",
-    "torch": "normlab.kernels.torch_ops:BACKEND",
-    "cpu": "normlab.kernels.cpu:BACKEND",  # fused Numba kernels, needs numba
-    "triton": "normlab.kernels.triton_backend:BACKEND",  # GPU kernels, needs triton
-}
-_REQUIRES = {"cpu": "numba", "triton": "triton"}  # the import a backend cannot run without
+
+class Backend(Protocol):
+    """What every backend implements (the names and parameters are checked at loading)."""
+
+    name: str
+
+    def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum,
+                   eps): ...
+
+    def instance_norm(self, x, running_mean, running_var, weight, bias, use_input_stats,
+                      momentum, eps): ...
+
+    def group_norm(self, x, num_groups, weight, bias, eps): ...
+
+    def layer_norm(self, x, normalized_shape, weight, bias, eps): ...
+
+    def rms_norm(self, x, normalized_shape, weight, eps): ...
+
+    def add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps): ...
+
+    def add_rms_norm(self, x, residual, normalized_shape, weight, eps): ...
+
+    def normalize(self, x, red, weight, bias, eps): ...
+
+
+_METHODS = {name: list(inspect.signature(fn).parameters)[1:]
+            for name, fn in vars(Backend).items()
+            if inspect.isfunction(fn) and not name.startswith("_")}
+
+
+def check_backend(obj, name: str | None = None):
+    """``obj`` if it implements :class:`Backend` (every method, with its parameters), else a
+    ``TypeError`` naming what is missing. Returns ``obj``."""
+    problems = [] if isinstance(getattr(obj, "name", None), str) else ["a str attribute name"]
+    for method, params in _METHODS.items():
+        fn = getattr(obj, method, None)
+        if not callable(fn):
+            problems.append(f"{method}()")
+        elif list(inspect.signature(fn).parameters) != params:
+            problems.append(f"{method}({', '.join(params)})")
+    if problems:
+        raise TypeError(f"normlab backend {name or type(obj).__name__!r} lacks "
+                        f"{', '.join(problems)} of the Backend interface (normlab._dispatch)")
+    return obj
+
+
+# name -> ("module:attribute" of the backend object, the module it cannot run without),
+# imported on first use.
+_KNOWN: dict[str, tuple[str, str]] = {}
 _loaded: dict[str, object] = {}
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("normlab_backend", default=None)
+
+
+def register_backend(name: str, target: str, requires: str = "torch") -> None:
+    """Make backend ``name`` available: ``target`` is ``"module:attribute"`` of its object,
+    imported (and checked against :class:`Backend`) on first use; ``requires`` the module
+    without which it cannot run."""
+    _KNOWN[name] = (target, requires)
+    _loaded.pop(name, None)
+
+
+register_backend("reference", "normlab.kernels.reference:BACKEND")
+register_backend("torch", "normlab.kernels.torch_ops:BACKEND")  # ATen's kernels
+register_backend("cpu", "normlab.kernels.cpu:BACKEND", "numba")  # fused Numba kernels
+register_backend("triton", "normlab.kernels.triton_backend:BACKEND", "triton")  # GPU kernels
 
 
 def _load(name: str):
     if name not in _KNOWN:
         raise ValueError(f"unknown normlab backend {name!r}; known backends: {', '.join(_KNOWN)}")
     if name not in _loaded:
-        target = _KNOWN[name]
-        if target is None:
-            raise BackendUnavailableError(
-                f"normlab backend {name!r} is not available in this build; "
-                f"available: {', '.join(available_backends())}"
-            )
-        module, attr = target.split(":")
+        module, attr = _KNOWN[name][0].split(":")
         try:
-            _loaded[name] = getattr(importlib.import_module(module), attr)
+            obj = getattr(importlib.import_module(module), attr)
         except ImportError as e:
             raise BackendUnavailableError(
                 f"normlab backend {name!r} cannot run here: {e}; "
                 f"available: {', '.join(available_backends())}"
             ) from e
+        _loaded[name] = check_backend(obj, name)
     return _loaded[name]
 
 
 def available_backends() -> list[str]:
     """Names of the backends that can run in this process (their dependencies import)."""
-    names = []
-    for name, target in _KNOWN.items():
-        if target is None:
-            continue
-        if name not in _loaded and importlib.util.find_spec(_REQUIRES.get(name, "torch")) is None:
-            continue
-        names.append(name)
-    return names
+    return [name for name, (_, requires) in _KNOWN.items()
+            if name in _loaded or importlib.util.find_spec(requires) is not None]
+
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("normlab_backend", default=None)
 
 
 def current_backend() -> str:
@@ -91,7 +137,7 @@ def _auto_for(device_type: str | None) -> str:
     if name is None:
         return "reference"
     if name not in _installed:
-        _installed[name] = importlib.util.find_spec(_REQUIRES[name]) is not None
+        _installed[name] = importlib.util.find_spec(_KNOWN[name][1]) is not None
     return name if _installed[name] else "reference"
 
 
@@ -150,7 +196,7 @@ def _make_cpu_auto():
         return _load("reference")
     from .kernels import auto
 
-    _cpu_auto = auto.Auto(lambda: _load("cpu"), auto.load_table())
+    _cpu_auto = check_backend(auto.Auto(lambda: _load("cpu"), auto.load_table()), "auto")
     return _cpu_auto
 
 

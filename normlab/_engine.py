@@ -55,13 +55,32 @@ class Reduction:
         dims: axes of ``view`` reduced for one statistic; the others index the statistics.
         affine: shape that ``weight`` and ``bias`` are viewed as, broadcasting against ``view``.
         centered: subtract the mean (every norm but RMSNorm).
+        keeps_channels_last: the output keeps a channels_last input's format (see
+            :func:`output_like`).
+        averaged: the variance (mean square) is a mean over each set; False: a sum, so that
+            ``rstd`` is the inverse L2 norm of the (centered) set (ScaleNorm).
+        clamp_eps: ``rstd = 1 / max(sqrt(var), eps)`` instead of ``(var + eps)^{-1/2}``.
     """
 
     view: tuple[int, ...]
     dims: tuple[int, ...]
     affine: tuple[int, ...]
     centered: bool = True
-    keeps_channels_last: bool = False  # the output layout: see output_like
+    keeps_channels_last: bool = False
+    averaged: bool = True
+    clamp_eps: bool = False
+
+    def rstd(self, var: torch.Tensor, eps: float) -> torch.Tensor:
+        r""":math:`(\sigma^2 + \epsilon)^{-1/2}`, or :math:`1/\max(\sigma, \epsilon)` with
+        ``clamp_eps``."""
+        if self.clamp_eps:
+            return var.sqrt().clamp_min(eps).reciprocal()
+        return (var + eps).rsqrt()
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The variance's reduction of ``t`` over each set: a mean, or a sum when not
+        ``averaged``."""
+        return t.mean(self.dims, keepdim=True) if self.averaged else t.sum(self.dims, keepdim=True)
 
     @property
     def count(self) -> int:
@@ -120,7 +139,11 @@ def output_like(x: torch.Tensor, keeps_channels_last: bool) -> torch.Tensor:
     """An empty output for a norm of ``x`` in torch's layout: contiguous, except that BatchNorm,
     GroupNorm and RMSNorm (``keeps_channels_last``) keep a ``channels_last`` (4-D) or
     ``channels_last_3d`` (5-D) input's format. (InstanceNorm and LayerNorm outputs are
-    contiguous whatever the input's strides, as torch's.) The backends allocate here."""
+    contiguous whatever the input's strides, as torch's; an empty input's strides are kept by
+    the channels_last keepers, which cannot tell its format otherwise.) The backends allocate
+    here."""
+    if keeps_channels_last and not x.numel():
+        return torch.empty_like(x)
     if keeps_channels_last and not x.is_contiguous():
         d = x.dim()
         fmt = torch.channels_last if d == 4 else torch.channels_last_3d if d == 5 else None
@@ -137,7 +160,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _view(t: torch.Tensor, red: Reduction) -> torch.Tensor:
+def as_view(t: torch.Tensor, red: Reduction) -> torch.Tensor:
+    """``t`` viewed as ``red.view``, in the compute dtype."""
     return t.reshape(red.view).to(compute_dtype(t.dtype))
 
 
@@ -153,22 +177,24 @@ def moments(
     accurate to ~1e-6 even for 1e5 + N(0, 1), where one fp32 mean is already off by 4e-3.
     Not centered (RMSNorm): ``(None, None, mean square)``.
     """
-    xa = _view(x, red)
+    xa = as_view(x, red)
     if not red.centered:
-        return None, None, xa.square().mean(red.dims, keepdim=True)
+        return None, None, red.reduce(xa.square())
     shift = xa.mean(red.dims, keepdim=True)
     xc = xa - shift
     delta = xc.mean(red.dims, keepdim=True)
-    return shift, delta, (xc - delta).square().mean(red.dims, keepdim=True)
+    return shift, delta, red.reduce((xc - delta).square())
 
 
-def _center(xa: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
+def center(xa: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
+    """``xa`` minus each offset in turn (``(x - shift) - delta``: see :func:`moments`)."""
     for offset in offsets:
         xa = xa - offset
     return xa
 
 
-def _param(p: torch.Tensor | None, red: Reduction, dtype: torch.dtype) -> torch.Tensor | None:
+def param(p: torch.Tensor | None, red: Reduction, dtype: torch.dtype) -> torch.Tensor | None:
+    """A parameter (or None) viewed as ``red.affine``, in ``dtype``."""
     return None if p is None else p.reshape(red.affine).to(dtype)
 
 
@@ -178,19 +204,21 @@ def _sum_over(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 
 class _Normalize(torch.autograd.Function):
-    """y = x_hat * weight + bias, with statistics from x (``input_stats``) or given constants."""
+    """y = x_hat * weight + bias, with statistics from x (``input_stats``) or given constants.
+    ``set_means`` (or None): the means over each statistics set in backward when the sets extend
+    beyond x (see :func:`normalize_sets`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, red, eps, offsets, mean, var, input_stats):
+    def forward(ctx, x, weight, bias, red, eps, offsets, var, input_stats, set_means):
         acc = compute_dtype(x.dtype)
-        rstd = (var + eps).rsqrt()
-        y = _center(_view(x, red), *offsets) * rstd
-        w, b = _param(weight, red, acc), _param(bias, red, acc)
+        rstd = red.rstd(var, eps)
+        y = center(as_view(x, red), *offsets) * rstd
+        w, b = param(weight, red, acc), param(bias, red, acc)
         if w is not None:
             y = y * w
         if b is not None:
             y = y + b
-        ctx.red, ctx.input_stats, ctx.eps, ctx.n_offsets = red, input_stats, eps, len(offsets)
+        ctx.red, ctx.input_stats, ctx.eps, ctx.set_means = red, input_stats, eps, set_means
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         # The centring offsets (shift, delta), not their rounded sum: backward keeps the
         # forward's accuracy at large means.
@@ -203,33 +231,49 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, rstd, *offsets = ctx.saved_tensors
-        red = ctx.red
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() and ctx.input_stats:
-            # create_graph=True (double backward, gradient penalties): recompute the statistics
-            # from x with autograd on, so this formula is differentiated through them too.
-            shift, delta, var = moments(x, red)
-            offsets = [] if shift is None else [shift, delta]
-            rstd = (var + ctx.eps).rsqrt()
-        g = _view(dy, red)
-        xhat = _center(_view(x, red), *offsets) * rstd
-        dx = dw = db = None
-        if need_w:
-            dw = _sum_over(g * xhat, red.param_dims).reshape(weight.shape).to(weight.dtype)
-        if need_b:
-            shape, dtype = ctx.bias_meta
-            db = _sum_over(g, red.param_dims).reshape(shape).to(dtype)
-        if need_x:
-            w = _param(weight, red, g.dtype)
-            gw = g * w if w is not None else g
-            if ctx.input_stats:  # the statistics depend on x: project out their directions
-                inner = (gw * xhat).mean(red.dims, keepdim=True)
-                if red.centered:
-                    gw = gw - gw.mean(red.dims, keepdim=True)
-                gw = gw - xhat * inner
-            dx = (gw * rstd).to(x.dtype).reshape(x.shape)
-        return dx, dw, db, None, None, None, None, None, None
+        if ctx.set_means is not None:  # statistics of other processes: no second derivative
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy):
+    x, weight, rstd, *offsets = ctx.saved_tensors
+    red = ctx.red
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() and ctx.input_stats and ctx.set_means is None:
+        # create_graph=True (double backward, gradient penalties): recompute the statistics
+        # from x with autograd on, so this formula is differentiated through them too.
+        shift, delta, var = moments(x, red)
+        offsets = [] if shift is None else [shift, delta]
+        rstd = red.rstd(var, ctx.eps)
+    g = as_view(dy, red)
+    xhat = center(as_view(x, red), *offsets) * rstd
+    dx = dw = db = None
+    if need_w:
+        dw = _sum_over(g * xhat, red.param_dims).reshape(weight.shape).to(weight.dtype)
+    if need_b:
+        shape, dtype = ctx.bias_meta
+        db = _sum_over(g, red.param_dims).reshape(shape).to(dtype)
+    if need_x:
+        w = param(weight, red, g.dtype)
+        gw = g * w if w is not None else g
+        if ctx.input_stats:  # the statistics depend on x: project out their directions
+            if ctx.set_means is not None:
+                sums = torch.stack([gw.sum(red.dims), (gw * xhat).sum(red.dims)])
+                mean_g, inner = ctx.set_means(sums).reshape(2, *red.stats_shape).unbind(0)
+            else:
+                mean_g = gw.mean(red.dims, keepdim=True) if red.centered else None
+                inner = red.reduce(gw * xhat)
+            if red.clamp_eps:  # where max(sigma, eps) = eps, rstd does not depend on x
+                inner = inner * (rstd * ctx.eps < 1)
+            if red.centered:
+                gw = gw - mean_g
+            gw = gw - xhat * inner
+        dx = (gw * rstd).to(x.dtype).reshape(x.shape)
+    return dx, dw, db, None, None, None, None, None, None
+
+
+_backward_once = torch.autograd.function.once_differentiable(_backward)
 
 
 def normalize(
@@ -262,8 +306,34 @@ def normalize(
             var = var.detach().to(acc)
             mean = mean.detach().to(acc) if red.centered else None
             offsets = () if mean is None else (mean,)
-    y = _Normalize.apply(x, weight, bias, red, float(eps), offsets, mean, var, input_stats)
+    y = _Normalize.apply(x, weight, bias, red, float(eps), offsets, var, input_stats, None)
     return y, mean, var
+
+
+def normalize_sets(
+    x: torch.Tensor,
+    red: Reduction,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    offsets: tuple[torch.Tensor, ...],
+    var: torch.Tensor,
+    set_means,
+) -> torch.Tensor:
+    r"""Normalize ``x`` by statistics of sets that extend beyond it (SyncBatchNorm: each
+    channel's set is the batch of every process), with the backward of batch statistics.
+
+    ``offsets`` (``(shift, delta)``, as :func:`moments` splits the mean) and ``var`` are the
+    statistics of the whole sets, shaped ``red.stats_shape``. In backward,
+    ``set_means(sums)`` receives this part's ``(2, *stats)`` sums
+    :math:`(\sum \gamma g, \sum \gamma g\hat x)` and returns the means over the whole sets
+    (an ``all_reduce`` and a division by the global count), which the formula of the module
+    docstring subtracts. The result is differentiable once in ``x``, ``weight`` and ``bias``."""
+    with torch.no_grad():
+        var = var.detach()
+    return _Normalize.apply(x, weight, bias, red, float(eps), tuple(offsets), var, True,
+                            set_means)
 
 
 def update_running_stats(

@@ -8,22 +8,14 @@ import warnings
 import torch
 import torch.nn.functional as _torch_F
 
-from . import _classes
+from . import _classes, _norms, registry  # noqa: F401  (_norms: torch's five registered)
 from . import functional as _F
 from . import nn as _nn
 
-# Each torch class, its normlab twin, and the methods the twin overrides.
-TWINS: dict[type, type] = {
-    torch.nn.BatchNorm1d: _nn.BatchNorm1d,
-    torch.nn.BatchNorm2d: _nn.BatchNorm2d,
-    torch.nn.BatchNorm3d: _nn.BatchNorm3d,
-    torch.nn.InstanceNorm1d: _nn.InstanceNorm1d,
-    torch.nn.InstanceNorm2d: _nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d: _nn.InstanceNorm3d,
-    torch.nn.GroupNorm: _nn.GroupNorm,
-    torch.nn.LayerNorm: _nn.LayerNorm,
-    torch.nn.RMSNorm: _nn.RMSNorm,
-}
+# Each torch class and its normlab twin (the registry's module pairs), and the methods the
+# twin overrides.
+TWINS: dict[type, type] = {theirs: ours for spec in registry.norms()
+                           for theirs, ours in spec.modules if theirs is not None}
 _OVERRIDDEN = ("forward", "_apply_instance_norm")
 
 

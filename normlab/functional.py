@@ -344,12 +344,7 @@ def add_rms_norm(
     if eps is None:
         eps = _default_eps(torch.result_type(input, residual))
     eps = float(eps)
-    backend = get_backend(input)
-    fused = getattr(backend, "add_rms_norm", None)
-    if fused is not None:
-        return fused(input, residual, shape, weight, eps)
-    h = input + residual
-    return backend.rms_norm(h, shape, weight, eps), h
+    return get_backend(input).add_rms_norm(input, residual, shape, weight, eps)
 
 
 def add_layer_norm(
@@ -391,9 +386,4 @@ def add_layer_norm(
     shape = _checks.row_norm(fn, input, normalized_shape, weight, bias)
     _checks.residual(fn, input, residual)
     eps = float(eps)
-    backend = get_backend(input)
-    fused = getattr(backend, "add_layer_norm", None)
-    if fused is not None:
-        return fused(input, residual, shape, weight, bias, eps)
-    h = input + residual
-    return backend.layer_norm(h, shape, weight, bias, eps), h
+    return get_backend(input).add_layer_norm(input, residual, shape, weight, bias, eps)

@@ -334,24 +334,22 @@ class _Fused(_Plain):
         return "fused-layer"
 
 
-def test_dispatch_fused_method_or_fallback(monkeypatch):
+def test_a_backend_without_the_add_methods_is_refused_and_the_methods_get_canonical_args(
+        monkeypatch):
+    """Every backend implements add_layer_norm/add_rms_norm (normlab._dispatch.Backend): one
+    without them is refused when it is registered, naming what it lacks; the methods receive
+    canonical arguments (normalized_shape a tuple, eps a float)."""
+    from normlab._dispatch import check_backend
+
     x, r = rand((2, 3, 4), 1, F32, 1.0, 0.5), rand((2, 3, 4), 2, F64, 1.0, 1.0)
-    # a backend without the fused methods: h = x + r, then its own norm on h
-    plain = _Plain()
-    monkeypatch.setattr(NF, "get_backend", lambda *_: plain)
-    y, h = NF.add_rms_norm(x, r, [3, 4])
-    name, h_seen, ns, eps = plain.calls[-1]
-    assert name == "rms_norm" and ns == (3, 4) and eps == torch.finfo(F64).eps
-    assert torch.equal(h_seen, x + r) and torch.equal(h, x + r)
-    assert torch.equal(y, F.rms_norm(x + r, (3, 4)))
-    y, h = NF.add_layer_norm(x, r, 4, eps=1e-3)
-    name, h_seen, ns, eps = plain.calls[-1]
-    assert name == "layer_norm" and ns == (4,) and eps == 1e-3 and torch.equal(h_seen, x + r)
-    # a backend with them gets canonical arguments (normalized_shape a tuple, eps a float)
+    with pytest.raises(TypeError, match=r"add_layer_norm\(.*add_rms_norm\("):
+        check_backend(_Plain(), "plain")
     fused = _Fused()
     monkeypatch.setattr(NF, "get_backend", lambda *_: fused)
     assert NF.add_rms_norm(x.float(), r.float(), 4) == "fused-rms"
     assert fused.calls[-1] == ("add_rms_norm", (4,), torch.finfo(F32).eps)
+    assert NF.add_rms_norm(x, r, [3, 4]) == "fused-rms"  # h's dtype (float64) gives eps
+    assert fused.calls[-1] == ("add_rms_norm", (3, 4), torch.finfo(F64).eps)
     assert NF.add_layer_norm(x, r, [3, 4], eps=1) == "fused-layer"
     assert fused.calls[-1] == ("add_layer_norm", (3, 4), 1.0)
     assert isinstance(fused.calls[-1][2], float)

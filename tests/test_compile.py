@@ -42,7 +42,8 @@ def _t(*shape, seed, dtype=F32, offset=0.5, grad=True, channels_last=False):
 # opcheck
 # --------------------------------------------------------------------------------------------
 def _forward_args(kind, dtype, channels_last, given_stats=False):
-    """(x, weight, bias, mean, var, kind, groups, eps) for one call of normlab::cpu_norm."""
+    """(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps) for one call of
+    normlab::cpu_norm."""
     if kind in ("layer", "rms"):
         x = _t(3, 5, 8, seed=1, dtype=dtype)
         groups = 1 if not channels_last else 2  # channels_last here: two normalized axes
@@ -51,15 +52,15 @@ def _forward_args(kind, dtype, channels_last, given_stats=False):
         shape = x.shape[x.dim() - groups:]
         w = _t(*shape, seed=2, dtype=dtype)
         b = _t(*shape, seed=3, dtype=dtype) if kind == "layer" else None
-        return (x, w, b, None, None, kind, groups, 1e-5)
+        return (x, w, b, None, None, groups, 0, kind == "layer", 1e-5)
     x = _t(2, 6, 4, 5, seed=1, dtype=dtype, channels_last=channels_last)
     w, b = _t(6, seed=2, dtype=dtype), _t(6, seed=3, dtype=dtype)
     mean = var = None
     if given_stats:
         mean = _t(6, seed=4, dtype=dtype, grad=False)
         var = _t(6, seed=5, dtype=dtype, grad=False).abs() + 0.5
-    groups = {"group": 3, "instance": 6}.get(kind, 1)  # InstanceNorm: a group per channel
-    return (x, w, b, mean, var, "group" if kind == "instance" else kind, groups, 1e-5)
+    groups = {"group": 3, "instance": 6}.get(kind, 0)  # InstanceNorm: a group per channel
+    return (x, w, b, mean, var, 0, groups, True, 1e-5)
 
 
 OPCHECK_CASES = [  # kind, dtype, channels_last, given statistics
@@ -88,13 +89,13 @@ def test_opcheck_forward(kind, dtype, channels_last, given):
 def _backward_kwargs(forward_args, need_dx=True):
     """Arguments of normlab::cpu_norm_backward by schema name (optional ones it has beyond
     these, such as a residual's gradient, are None)."""
-    x, w, b, mean, var, kind, groups, eps = forward_args
+    x, w, b, mean, var, nd, groups, centered, eps = forward_args
     with torch.no_grad():
         y, stats = torch.ops.normlab.cpu_norm.default(*forward_args)
     known = {
         "dy": _t(*y.shape, seed=9, dtype=y.dtype, grad=False), "x": x.detach(),
-        "weight": None if w is None else w.detach(), "stats": stats, "kind": kind,
-        "groups": groups, "input_stats": var is None, "need_dx": need_dx,
+        "weight": None if w is None else w.detach(), "stats": stats,
+        "normalized_ndim": nd, "groups": groups, "centered": centered, "input_stats": var is None, "need_dx": need_dx,
     }
     kwargs = {}
     for arg in torch.ops.normlab.cpu_norm_backward.default._schema.arguments:

@@ -785,8 +785,8 @@ def test_modules_train_step_on_cpu_backend():
 def test_missing_dependency_makes_a_backend_unavailable(monkeypatch):
     import normlab._dispatch as D
 
-    monkeypatch.setitem(D._KNOWN, "fake", "normlab_no_such_module:BACKEND")
-    monkeypatch.setitem(D._REQUIRES, "fake", "normlab_no_such_module")
+    monkeypatch.setitem(D._KNOWN, "fake", ("normlab_no_such_module:BACKEND",
+                                           "normlab_no_such_module"))
     assert "fake" not in normlab.available_backends()
     with pytest.raises(normlab.BackendUnavailableError, match="fake"):
         with normlab.backend("fake"):

@@ -190,11 +190,12 @@ def _op_samples():
     w4, b4 = _rand(4).float().to(DEV), _rand(4).float().to(DEV)
     w8 = _rand(8).float().to(DEV)
     return [
-        (x2, w8, None, None, None, "rms", 1, 1e-6),
-        (x2, w8, w8.flip(0), None, None, "layer", 1, 1e-5),
-        (x4, w4, b4, None, None, "group", 2, 1e-5),
-        (x4.contiguous(memory_format=torch.channels_last), w4, b4, None, None, "batch", 1, 1e-5),
-        (x4, w4, b4, b4.abs(), w4.abs() + 0.5, "batch", 1, 1e-5),
+        (x2, w8, None, None, None, 1, 0, False, 1e-6),  # rms
+        (x2, w8, w8.flip(0), None, None, 1, 0, True, 1e-5),  # layer
+        (x4, w4, b4, None, None, 0, 2, True, 1e-5),  # group
+        (x4.contiguous(memory_format=torch.channels_last), w4, b4, None, None, 0, 0, True,
+         1e-5),  # batch
+        (x4, w4, b4, b4.abs(), w4.abs() + 0.5, 0, 0, True, 1e-5),  # batch, given statistics
     ]
 
 

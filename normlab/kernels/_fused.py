@@ -1,26 +1,25 @@
 r"""What the fused-kernel backends (``cpu``, ``triton``) share: autograd for their operators, an
 eager path that skips the dispatcher, second derivatives, and the backend object.
 
-A fused backend registers three :mod:`torch.library` custom operators of one signature family:
+A fused backend registers three :mod:`torch.library` custom operators of one signature family,
+a norm given as ``normalized_ndim, groups, centered`` (:mod:`._plan`):
 
-``norm(x, weight, bias, mean, var, kind, groups, eps) -> (y, stats)``
-    ``kind`` is ``"layer"``/``"rms"`` (statistics over the trailing ``groups`` axes),
-    ``"group"`` (``groups`` groups of channels per sample; InstanceNorm is ``groups = C``) or
-    ``"batch"`` (per channel over batch and space). With ``mean``/``var`` given, x is normalized
-    by them (BatchNorm and InstanceNorm in eval). ``stats`` is whatever the backend saves for its
-    backward, one column per statistics set.
-``norm_backward(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx)``
-    ``-> (dx, dweight, dbias)``, with ``dh`` an extra gradient reaching x (the residual output of
-    the add variant) or None.
-``add_norm(x, residual, weight, bias, kind, groups, eps) -> (y, h, stats)``
-    ``h = x + residual`` and ``y = norm(h)``, one pass.
+``norm(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps) -> (y, stats)``
+    With ``mean``/``var`` given (per channel), x is normalized by them (BatchNorm and
+    InstanceNorm in eval). ``stats`` is whatever the backend saves for its backward, one column
+    per statistics set.
+``norm_backward(dy, dh, x, weight, stats, normalized_ndim, groups, centered, input_stats,``
+``need_dx) -> (dx, dweight, dbias)``, with ``dh`` an extra gradient reaching x (the residual
+    output of the add variant) or None.
+``add_norm(x, residual, weight, bias, normalized_ndim, centered, eps) -> (y, h, stats)``
+    ``h = x + residual`` and ``y = norm(h)`` for the row norms, one pass.
 
 :class:`Ops` registers their autograd (a first derivative through ``norm_backward``; a second,
 under ``create_graph=True``, through the reference engine's differentiable formulas) and builds
 eager :class:`torch.autograd.Function` twins that call the operators' Python bodies directly:
 ``torch.compile`` sees the registered operators, eager calls skip the dispatcher round trip.
-:class:`FusedBackend` maps the five norms of the backend interface onto the operators and falls
-back to the reference engine for what the kernels do not take.
+:class:`FusedBackend` maps the backend interface (:class:`normlab._dispatch.Backend`) onto the
+operators and falls back to the reference engine for what the kernels do not take.
 """
 from __future__ import annotations
 
@@ -29,30 +28,14 @@ from typing import Callable
 import torch
 
 from .. import _engine as E
+from . import _plan
 from .reference import BACKEND as _REFERENCE
 
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-#: The operator kinds whose outputs keep a channels_last input's format, as torch's BatchNorm,
-#: GroupNorm and RMSNorm do (InstanceNorm, kind "group" too, reads a contiguous copy: see
-#: FusedBackend.instance_norm).
-KEEPS_CHANNELS_LAST = ("batch", "group", "rms")
 
-
-def output_for(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """An empty output (or dx) of an operator of ``kind`` on x, in torch's layout
-    (:func:`~normlab._engine.output_like`)."""
-    return E.output_like(x, kind in KEEPS_CHANNELS_LAST)
-
-
-def reference_forward(x, weight, bias, mean, var, kind, groups, eps):
+def reference_forward(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps):
     """The reference engine's (differentiable) forward of one fused operator call; ``mean``/
     ``var`` are the given statistics (flat, per channel) or None for batch statistics."""
-    if kind in ("layer", "rms"):
-        red = E.row_reduction(x.shape, groups, centered=kind == "layer")
-    elif kind == "group":
-        red = E.group_reduction(x.shape, groups)
-    else:
-        red = E.batch_reduction(x.shape)
+    red = _plan.reduction(x.shape, normalized_ndim, groups, centered)
     if mean is None:
         return E.normalize(x, red, weight, bias, eps=eps)[0]
     per = E.per_channel(x.shape)
@@ -98,10 +81,10 @@ class Ops:
 
     @staticmethod
     def _setup(ctx, inputs, output):
-        x, weight, bias, mean, var, kind, groups, eps = inputs
+        x, weight, bias, mean, var, nd, groups, centered, eps = inputs
         _, stats = output
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.kind, ctx.groups, ctx.eps, ctx.input_stats = kind, groups, eps, var is None
+        ctx.norm, ctx.eps, ctx.input_stats = (nd, groups, centered), eps, var is None
         ctx.mark_non_differentiable(stats)
 
     def _backward(self, ctx, dy, _dstats):
@@ -111,26 +94,26 @@ class Ops:
             mean, var = (None, None) if ctx.input_stats else self.given(stats)
             inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need]
             with torch.enable_grad():
-                y = reference_forward(x, weight, bias, mean, var, ctx.kind, ctx.groups, ctx.eps)
+                y = reference_forward(x, weight, bias, mean, var, *ctx.norm, ctx.eps)
                 grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True,
                                                  allow_unused=True))
             return tuple(next(grads) if n else None for n in ctx.needs_input_grad[:3]) \
-                + (None,) * 5
-        dx, dw, db = self._bwd(ctx)(dy, None, x, weight, stats, ctx.kind, ctx.groups,
-                                    ctx.input_stats, need_x)
+                + (None,) * 6
+        dx, dw, db = self._bwd(ctx)(dy, None, x, weight, stats, *ctx.norm, ctx.input_stats,
+                                    need_x)
         return (dx if need_x else None,
                 dw.reshape(weight.shape).to(weight.dtype) if need_w else None,
                 db.reshape(bias.shape).to(bias.dtype) if need_b else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
     # --- residual add + norm
 
     @staticmethod
     def _setup_add(ctx, inputs, output):
-        x, residual, weight, bias, kind, groups, eps = inputs
+        x, residual, weight, bias, nd, centered, eps = inputs
         _, h, stats = output
         ctx.save_for_backward(x, residual, h, weight, bias, stats)
-        ctx.kind, ctx.groups, ctx.eps = kind, groups, eps
+        ctx.norm, ctx.eps = (nd, 0, centered), eps
         if x.requires_grad or residual.requires_grad:
             ctx.mark_non_differentiable(stats)
         else:  # h = x + residual does not depend on the parameters
@@ -144,14 +127,12 @@ class Ops:
                       if n]
             with torch.enable_grad():
                 hh = x + residual
-                y = reference_forward(hh, weight, bias, None, None, ctx.kind, ctx.groups,
-                                      ctx.eps)
+                y = reference_forward(hh, weight, bias, None, None, *ctx.norm, ctx.eps)
                 grads = iter(torch.autograd.grad((y, hh), inputs, (dy, dh), create_graph=True,
                                                  allow_unused=True))
             return tuple(next(grads) if n else None for n in ctx.needs_input_grad[:4]) \
                 + (None,) * 3
-        dx, dw, db = self._bwd(ctx)(dy, dh, h, weight, stats, ctx.kind, ctx.groups, True,
-                                    need_x or need_r)
+        dx, dw, db = self._bwd(ctx)(dy, dh, h, weight, stats, *ctx.norm, True, need_x or need_r)
         return (dx if need_x else None, dx if need_r else None,
                 dw.reshape(weight.shape).to(weight.dtype) if need_w else None,
                 db.reshape(bias.shape).to(bias.dtype) if need_b else None, None, None, None)
@@ -199,17 +180,17 @@ class FusedBackend:
     def layer_norm(self, x, normalized_shape, weight, bias, eps):
         if not self.runs(x):
             return _REFERENCE.layer_norm(x, normalized_shape, weight, bias, eps)
-        return self.ops.norm(x, weight, bias, None, None, "layer", len(normalized_shape), eps)[0]
+        return self.ops.norm(x, weight, bias, None, None, len(normalized_shape), 0, True, eps)[0]
 
     def rms_norm(self, x, normalized_shape, weight, eps):
         if not self.runs(x):
             return _REFERENCE.rms_norm(x, normalized_shape, weight, eps)
-        return self.ops.norm(x, weight, None, None, None, "rms", len(normalized_shape), eps)[0]
+        return self.ops.norm(x, weight, None, None, None, len(normalized_shape), 0, False, eps)[0]
 
     def group_norm(self, x, num_groups, weight, bias, eps):
         if not self.runs(x):
             return _REFERENCE.group_norm(x, num_groups, weight, bias, eps)
-        return self.ops.norm(x, weight, bias, None, None, "group", num_groups, eps)[0]
+        return self.ops.norm(x, weight, bias, None, None, 0, num_groups, True, eps)[0]
 
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         if not self.runs(x):
@@ -217,8 +198,8 @@ class FusedBackend:
                 x, running_mean, running_var, weight, bias, training, momentum, eps
             )
         if not training:
-            return self.ops.norm(x, weight, bias, running_mean, running_var, "batch", 1, eps)[0]
-        y, stats = self.ops.norm(x, weight, bias, None, None, "batch", 1, eps)
+            return self.ops.norm(x, weight, bias, running_mean, running_var, 0, 0, True, eps)[0]
+        y, stats = self.ops.norm(x, weight, bias, None, None, 0, 0, True, eps)
         if running_mean is None and running_var is None:
             return y
         count = x.numel() // x.shape[1]
@@ -236,29 +217,33 @@ class FusedBackend:
             )
         if not x.is_contiguous():  # torch's InstanceNorm output is contiguous (E.output_like)
             x = x.contiguous()
-        if not use_input_stats:
-            return self.ops.norm(x, weight, bias, running_mean, running_var, "batch", 1, eps)[0]
+        if not use_input_stats:  # the given statistics are per channel, as BatchNorm's
+            return self.ops.norm(x, weight, bias, running_mean, running_var, 0, 0, True, eps)[0]
         n, c = x.shape[:2]
-        y, stats = self.ops.norm(x, weight, bias, None, None, "group", c, eps)
+        y, stats = self.ops.norm(x, weight, bias, None, None, 0, c, True, eps)
         if running_mean is not None or running_var is not None:
             mean, var = self.batch_stats(stats)
             E.update_running_stats(running_mean, running_var, mean.view(n, c).mean(0),
                                    var.view(n, c).mean(0), x.numel() // (n * c), momentum)
         return y
 
-    def _add(self, x, residual, kind, ndim, weight, bias, eps):
+    def _add(self, x, residual, ndim, centered, weight, bias, eps):
         if self.runs(x) and self.fuses_add(x, residual):
-            y, h, _ = self.ops.add_norm(x, residual, weight, bias, kind, ndim, eps)
+            y, h, _ = self.ops.add_norm(x, residual, weight, bias, ndim, centered, eps)
             return y, h
         # otherwise: h is rounded to its dtype before it is normalized, as unfused
         h = x + residual
         shape = tuple(h.shape[h.dim() - ndim:])
-        if kind == "layer":
+        if centered:
             return self.layer_norm(h, shape, weight, bias, eps), h
         return self.rms_norm(h, shape, weight, eps), h
 
     def add_layer_norm(self, x, residual, normalized_shape, weight, bias, eps):
-        return self._add(x, residual, "layer", len(normalized_shape), weight, bias, eps)
+        return self._add(x, residual, len(normalized_shape), True, weight, bias, eps)
 
     def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
-        return self._add(x, residual, "rms", len(normalized_shape), weight, None, eps)
+        return self._add(x, residual, len(normalized_shape), False, weight, None, eps)
+
+    def normalize(self, x, red, weight, bias, eps):
+        """A norm beyond torch's five (:mod:`normlab.registry`): the reference engine."""
+        return _REFERENCE.normalize(x, red, weight, bias, eps)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import sys
 import threading
 import warnings
 import weakref
@@ -363,6 +362,10 @@ class Auto:
                       len(normalized_shape), like_x=1):
             return self.aten.add_rms_norm(x, residual, normalized_shape, weight, eps)
         return self.kernels.add_rms_norm(x, residual, normalized_shape, weight, eps)
+
+    def normalize(self, x, red, weight, bias, eps):
+        """A norm beyond torch's five (:mod:`normlab.registry`): the kernels' backend."""
+        return self.kernels.normalize(x, red, weight, bias, eps)
 
 
 def _job(auto: Auto, layout: str, x: torch.Tensor, tensors: tuple, call: Callable, keep: int,

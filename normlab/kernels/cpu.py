@@ -5,20 +5,21 @@ eager path and the backend object), registered with :mod:`torch.library` so that
 ``torch.compile(fullgraph=True)`` traces through them (each has a fake implementation giving
 output shapes, strides and dtypes) and ``torch.library.opcheck`` passes:
 
-``normlab::cpu_norm(x, weight, bias, mean, var, kind, groups, eps) -> (y, stats)``
-    ``kind`` is ``"layer"``/``"rms"`` (statistics over the trailing ``groups`` axes),
-    ``"group"`` (``groups`` groups of channels per sample; InstanceNorm is ``groups = C``) or
-    ``"batch"`` (per channel over batch and space). With ``mean``/``var`` given the input is
-    normalized by them (BatchNorm and InstanceNorm in eval). ``stats`` is ``(4, S)``: shift,
-    delta (the mean is ``shift + delta``), rstd and the biased variance of each of the ``S``
-    statistics, in float32 (float64 for float64 inputs).
-``normlab::cpu_add_norm(x, residual, weight, bias, kind, groups, eps) -> (y, h, stats)``
-    LayerNorm/RMSNorm of ``h = x + residual``, one pass (float32/float64 pairs of one dtype).
-``normlab::cpu_norm_backward(dy, x, weight, stats, kind, groups, input_stats, need_dx)``
-    ``-> (dx, dweight, dbias)``: with :math:`g = \gamma\,dy` and means over each statistics set,
+``normlab::cpu_norm(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps)``
+    ``-> (y, stats)``: the norm given by ``normalized_ndim, groups, centered`` (:mod:`._plan`).
+    With ``mean``/``var`` given the input is normalized by them (BatchNorm and InstanceNorm in
+    eval). ``stats`` is ``(4, S)``: shift, delta (the mean is ``shift + delta``), rstd and the
+    biased variance of each of the ``S`` statistics, in float32 (float64 for float64 inputs).
+``normlab::cpu_add_norm(x, residual, weight, bias, normalized_ndim, centered, eps)``
+    ``-> (y, h, stats)``: LayerNorm/RMSNorm of ``h = x + residual``, one pass (float32/float64
+    pairs of one dtype).
+``normlab::cpu_norm_backward(dy, dh, x, weight, stats, normalized_ndim, groups, centered,``
+``input_stats, need_dx) -> (dx, dweight, dbias)``: with :math:`g = \gamma\,dy` and means over
+    each statistics set,
     :math:`dx = \mathrm{rstd}\,(g - \langle g\rangle - \hat x\,\langle g\hat x\rangle)`
     (no :math:`\langle g\rangle` for RMSNorm, only :math:`\mathrm{rstd}\,g` for given
-    statistics), :math:`d\gamma = \sum dy\,\hat x`, :math:`d\beta = \sum dy`.
+    statistics), :math:`d\gamma = \sum dy\,\hat x`, :math:`d\beta = \sum dy`; ``dh`` (or None)
+    is a gradient reaching ``x`` directly (the add variant's residual output), added to dx.
 
 Layouts: contiguous inputs run as rows (LayerNorm, RMSNorm, and GroupNorm/InstanceNorm whose
 (sample, group) blocks are contiguous) or as ``(N, C, L)`` (BatchNorm); channels-last inputs
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import os
 import threading
 from typing import Optional
@@ -50,7 +50,8 @@ from numba.np.ufunc import parallel as _nparallel
 
 from .. import _engine as E
 from . import _numba_kernels as K
-from ._fused import FLOATS, FusedBackend, Ops, output_for
+from . import _plan as P
+from ._fused import FusedBackend, Ops
 
 _NONE = {np.dtype(np.float32): np.empty((0, 0), np.float32),  # "no array" for the kernels
          np.dtype(np.float64): np.empty((0, 0), np.float64)}
@@ -187,64 +188,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """Channels innermost and dense: x.movedim(1, -1) is contiguous (and x is not). (For 4-D x
-    the same as torch's channels_last contiguity, a cheaper call.)"""
-    if x.dim() == 4:
-        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
-_ROWS = ("layer", "rms")
-
-
-def _dense(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """x itself when the kernels can read its strides, else a contiguous copy."""
-    if x.is_contiguous() or (kind not in _ROWS and _channels_last(x)):
-        return x
-    return x.contiguous()
-
-
-def _plan(x: torch.Tensor, kind: str, groups: int) -> tuple[str, tuple[int, ...], int, int]:
-    """``(layout, kernel shape, statistics sets, parameter elements)`` of a call on x, which
-    ``_dense`` gave (contiguous, or channels-last for the channel norms). Layouts: ``rows``
-    (M, D) (LayerNorm/RMSNorm; GroupNorm/InstanceNorm on NCHW, a row per (sample, group)),
-    ``nchw`` (N, C, L) (BatchNorm) or ``nhwc`` (P, R, C) (channels innermost: any channel norm
-    on channels-last x, BatchNorm on (N, C) x)."""
-    if kind in _ROWS:
-        d = x.shape[-1] if groups == 1 else math.prod(x.shape[x.dim() - groups:])
-        m = x.numel() // d if d else 0
-        return "rows", (m, d), m, d
-    n, c = x.shape[0], x.shape[1]
-    hw = x.numel() // (n * c) if n * c else 0
-    sets = n * groups if kind == "group" else c
-    if not x.is_contiguous() or (kind == "batch" and hw == 1):
-        return "nhwc", ((1, n * hw, c) if kind == "batch" else (n, hw, c)), sets, c
-    if kind == "group":
-        return "rows", (n * groups, (c // groups) * hw), sets, c
-    return "nchw", (n, c, hw), sets, c
-
-
-_ACC = {torch.float32: torch.float32, torch.float64: torch.float64,
-        torch.bfloat16: torch.float32, torch.float16: torch.float32}  # = E.compute_dtype
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 _HALF = (torch.bfloat16, torch.float16)  # computed in the kernels on their bit patterns
 _LAST = {d: (0, *range(2, d), 1) for d in range(3, 9)}  # axes of movedim(1, -1)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return _ACC.get(dtype) or E.compute_dtype(dtype)
-
-
-def _nstats(x: torch.Tensor, kind: str, groups: int) -> int:
-    if kind in _ROWS:
-        d = math.prod(x.shape[x.dim() - groups:])
-        return x.numel() // d if d else 0
-    return x.shape[0] * groups if kind == "group" else x.shape[1]
-
-
-def _nparams(x: torch.Tensor, kind: str, groups: int) -> int:
-    return math.prod(x.shape[x.dim() - groups:]) if kind in _ROWS else x.shape[1]
 
 
 _CONST: dict[tuple, np.ndarray] = {}  # (n, fill, dtype) -> the "no parameter" array
@@ -303,11 +249,11 @@ def _same_layout(t: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tens
     return t.contiguous()
 
 
-def _outputs(x: torch.Tensor, xk: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(x: torch.Tensor, xk: torch.Tensor, plan: P.Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(the output, where the kernels write it): torch's layout (:func:`~normlab._engine.
     output_like`: contiguous, channels-last kept by the channel norms); the kernels write xk's
     layout (a scratch copied over when they differ)."""
-    out = output_for(x, kind)
+    out = E.output_like(x, plan.keeps_channels_last)
     if out.stride() == xk.stride():
         return out, out
     return out, torch.empty_like(xk)
@@ -325,39 +271,33 @@ def _chunks(p: int, r: int, c: int) -> int:
     return max(1, min(r, _CHUNKS // max(p, 1), r * c // _CHUNK_MIN))
 
 
-def _seg(kind: str, groups: int, channels: int, shape: tuple[int, ...]) -> int:
-    """Segment length of the rows kernels: 0 for per-element parameters (LayerNorm/RMSNorm),
-    else the spatial size (GroupNorm/InstanceNorm rows hold C/G channel segments)."""
-    return 0 if kind in _ROWS else shape[1] // (channels // groups)
-
-
 # --- the forward operator
 
 
 @torch.library.custom_op("normlab::cpu_norm", mutates_args=(), device_types="cpu")
 def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             mean: Optional[torch.Tensor], var: Optional[torch.Tensor], kind: str, groups: int,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+             mean: Optional[torch.Tensor], var: Optional[torch.Tensor], normalized_ndim: int,
+             groups: int, centered: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     nt = _threads(x.numel())
-    acc = _ACC[x.dtype]
-    xk = _dense(x, kind)
-    layout, shape, sets, npar = _plan(xk, kind, groups)
-    y, yk = _outputs(x, xk, kind)
+    acc = P.ACC[x.dtype]
+    xk = P.dense(x, normalized_ndim > 0)
+    plan = P.plan(xk, normalized_ndim, groups, centered)
+    layout, shape, sets, npar = plan.layout, plan.shape, plan.sets, plan.params
+    y, yk = _outputs(x, xk, plan)
     st = np.empty((4, sets), _NP[acc])
     xs, ys = _kernel_array(xk, layout, shape), _kernel_array(yk, layout, shape)
     half = x.dtype in _HALF
     w, b = _vec(weight, npar, 1.0, acc), _vec(bias, npar, 0.0, acc)
     if layout == "rows":
         if half:
-            K.rows_forward_16.pick(nt)(xs, w, b, _seg(kind, groups, npar, shape), eps,
-                                       kind != "rms", ys, st)
-        elif kind in _ROWS:
-            K.rows_forward.pick(nt)(xs, w, b, eps, kind != "rms", ys, st)
+            K.rows_forward_16.pick(nt)(xs, w, b, plan.seg, eps, centered, ys, st)
+        elif plan.rows:
+            K.rows_forward.pick(nt)(xs, w, b, eps, centered, ys, st)
         else:
-            K.segments_forward.pick(nt)(xs, w, b, _seg(kind, groups, npar, shape), eps, ys, st)
+            K.segments_forward.pick(nt)(xs, w, b, plan.seg, eps, ys, st)
     elif layout == "nhwc":  # batch statistics per (p, group), or given ones per channel
         p, r, c = shape
-        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r, c)
+        cpg, t = plan.cpg, _chunks(p, r, c)
         sh = np.empty((p, c), st.dtype)
         if var is None:
             m = v = _EMPTY[st.dtype]
@@ -388,9 +328,10 @@ def cpu_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
 
 
 @cpu_norm.register_fake
-def _(x, weight, bias, mean, var, kind, groups, eps):
-    return (output_for(x, kind),
-            x.new_empty((4, _nstats(x, kind, groups)), dtype=_acc(x.dtype)))
+def _(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps):
+    sets, _ = P.counts(x, normalized_ndim, groups)
+    return (P.output_for(x, normalized_ndim, centered),
+            x.new_empty((4, sets), dtype=E.compute_dtype(x.dtype)))
 
 
 def _affine(xs, st, w, b, ys, nt, half) -> None:
@@ -403,21 +344,22 @@ def _affine(xs, st, w, b, ys, nt, half) -> None:
 
 @torch.library.custom_op("normlab::cpu_norm_backward", mutates_args=(), device_types="cpu")
 def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor,
-                      weight: Optional[torch.Tensor], stats: torch.Tensor, kind: str, groups: int,
-                      input_stats: bool, need_dx: bool
+                      weight: Optional[torch.Tensor], stats: torch.Tensor, normalized_ndim: int,
+                      groups: int, centered: bool, input_stats: bool, need_dx: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nt = _threads(x.numel())
-    acc = _ACC[x.dtype]
+    acc = P.ACC[x.dtype]
     half = x.dtype in _HALF and dh is None  # (the 16-bit kernels take no dh)
-    xk = _dense(x, kind)
+    xk = P.dense(x, normalized_ndim > 0)
     if not half and xk.dtype is not acc:
         xk = xk.to(acc)
-    layout, shape, _, npar = _plan(xk, kind, groups)
+    plan = P.plan(xk, normalized_ndim, groups, centered)
+    layout, shape, npar = plan.layout, plan.shape, plan.params
     gk = _same_layout(dy, xk, layout)
     xs, gs, st = _kernel_array(xk, layout, shape), _kernel_array(gk, layout, shape), stats.numpy()
     fdt = np.float32 if half else xs.dtype
     if need_dx:
-        dx, dxk = _outputs(x, xk, kind)
+        dx, dxk = _outputs(x, xk, plan)
         if dxk.dtype is not xk.dtype:
             dxk = torch.empty_like(xk)
         dxs = _kernel_array(dxk, layout, shape)
@@ -432,18 +374,16 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
         out = dxs if need_dx else np.empty(shape, xs.dtype)
         if half:
-            K.rows_backward_16.pick(nt)(xs, w, gs, st, _seg(kind, groups, npar, shape),
-                                        kind != "rms", blocks, out, dw, db)
-        elif kind in _ROWS:
+            K.rows_backward_16.pick(nt)(xs, w, gs, st, plan.seg, centered, blocks, out, dw, db)
+        elif plan.rows:
             dhs = _NONE[xs.dtype] if dh is None else \
                 _same_layout(dh, xk, layout).view(shape).numpy()
-            K.rows_backward.pick(nt)(xs, w, gs, dhs, st, kind != "rms", blocks, out, dw, db)
+            K.rows_backward.pick(nt)(xs, w, gs, dhs, st, centered, blocks, out, dw, db)
         else:
-            K.segments_backward.pick(nt)(xs, w, gs, st, _seg(kind, groups, npar, shape), blocks,
-                                         out, dw, db)
+            K.segments_backward.pick(nt)(xs, w, gs, st, plan.seg, blocks, out, dw, db)
     elif layout == "nhwc":
         p, r, c = shape
-        cpg, t = c // groups if kind == "group" else 1, _chunks(p, r, c)
+        cpg, t = plan.cpg, _chunks(p, r, c)
         s1, s2 = np.zeros((p, t, c)), np.zeros((p, t, c))
         dw, db = np.empty(npar, fdt), np.empty(npar, fdt)
         (K.nhwc_grad_moments_16 if half else K.nhwc_grad_moments).pick(nt)(
@@ -469,10 +409,10 @@ def cpu_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Ten
 
 
 @cpu_norm_backward.register_fake
-def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
-    npar = _nparams(x, kind, groups)
-    acc = _acc(x.dtype)
-    dx = output_for(x, kind) if need_dx else x.new_empty(0)
+def _(dy, dh, x, weight, stats, normalized_ndim, groups, centered, input_stats, need_dx):
+    _, npar = P.counts(x, normalized_ndim, groups)
+    acc = E.compute_dtype(x.dtype)
+    dx = P.output_for(x, normalized_ndim, centered) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 
@@ -481,25 +421,26 @@ def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
 
 @torch.library.custom_op("normlab::cpu_add_norm", mutates_args=(), device_types="cpu")
 def cpu_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], kind: str, groups: int, eps: float
+                 bias: Optional[torch.Tensor], normalized_ndim: int, centered: bool, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, stats) with h = x + residual and y = norm(h), in one pass; float32/float64 x and
     residual of one dtype."""
     nt = _threads(x.numel())
     x, residual = x.contiguous(), residual.contiguous()
-    _, shape, m, npar = _plan(x, kind, groups)
+    plan = P.plan(x, normalized_ndim, 0, centered)
+    shape, m, npar = plan.shape, plan.sets, plan.params
     y, h = torch.empty_like(x), torch.empty_like(x)
     st = np.empty((4, m), _NP[x.dtype])
     K.rows_add_forward.pick(nt)(
         x.numpy().reshape(shape), residual.numpy().reshape(shape),
-        _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype), eps, kind != "rms",
+        _vec(weight, npar, 1.0, x.dtype), _vec(bias, npar, 0.0, x.dtype), eps, centered,
         y.numpy().reshape(shape), h.numpy().reshape(shape), st)
     return y, h, torch.from_numpy(st)
 
 
 @cpu_add_norm.register_fake
-def _(x, residual, weight, bias, kind, groups, eps):
-    m = _nstats(x, kind, groups)
+def _(x, residual, weight, bias, normalized_ndim, centered, eps):
+    m, _ = P.counts(x, normalized_ndim, 0)
     return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((4, m)))
 
 
@@ -543,5 +484,5 @@ def _fuses_add(x: torch.Tensor, residual: torch.Tensor) -> bool:
 
 OPS = Ops(cpu_norm, cpu_norm_backward, cpu_add_norm, _given)
 BACKEND = FusedBackend(
-    "cpu", OPS, runs=lambda x: x.is_cpu and x.dtype in _ACC and x.numel() > 0,
+    "cpu", OPS, runs=lambda x: x.is_cpu and x.dtype in P.ACC and x.numel() > 0,
     fuses_add=_fuses_add, batch_stats=_given, update_running=_update_running)

@@ -67,5 +67,9 @@ class ReferenceBackend:
         h = x + residual
         return self.rms_norm(h, normalized_shape, weight, eps), h
 
+    def normalize(self, x, red, weight, bias, eps):
+        """Any other registered norm (:mod:`normlab.registry`): the engine on its reduction."""
+        return E.normalize(x, red, weight, bias, eps=eps)[0]
+
 
 BACKEND = ReferenceBackend()

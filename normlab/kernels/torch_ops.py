@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import BACKEND as _REFERENCE
+
 
 class TorchBackend:
     name = "torch"
@@ -42,6 +44,10 @@ class TorchBackend:
     def add_rms_norm(self, x, residual, normalized_shape, weight, eps):
         h = x + residual
         return torch.rms_norm(h, normalized_shape, weight, eps), h
+
+    def normalize(self, x, red, weight, bias, eps):
+        """A norm torch does not have (:mod:`normlab.registry`): the reference engine."""
+        return _REFERENCE.normalize(x, red, weight, bias, eps)
 
 
 BACKEND = TorchBackend()

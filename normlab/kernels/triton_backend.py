@@ -4,12 +4,15 @@ Three operators of the family described in :mod:`._fused` (which gives them auto
 derivatives, an eager path and the backend object), registered with :mod:`torch.library` with
 fake implementations, so ``torch.compile(fullgraph=True)`` traces through them:
 
-``normlab::triton_norm(x, weight, bias, mean, var, kind, groups, eps) -> (y, stats)``
+``normlab::triton_norm(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps)``
+``-> (y, stats)``: the norm given by ``normalized_ndim, groups, centered`` (:mod:`._plan`).
     ``stats`` is ``(3, S)``: mean, rstd and biased variance of each of the ``S`` statistics
     sets, float32 (float64 for float64 inputs). The variance of rows and groups is recovered as
     :math:`\mathrm{rstd}^{-2} - \epsilon` (only InstanceNorm's running statistics read it).
-``normlab::triton_norm_backward(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx)``
-``normlab::triton_add_norm(x, residual, weight, bias, kind, groups, eps) -> (y, h, stats)``
+``normlab::triton_norm_backward(dy, dh, x, weight, stats, normalized_ndim, groups, centered,``
+``input_stats, need_dx) -> (dx, dweight, dbias)``
+``normlab::triton_add_norm(x, residual, weight, bias, normalized_ndim, centered, eps)``
+``-> (y, h, stats)``
 
 The kernels live in :mod:`.triton_rows` (LayerNorm, RMSNorm and the residual add, rows of any
 width) and :mod:`.triton_channels` (GroupNorm, InstanceNorm, BatchNorm; NCHW and channels-last
@@ -23,7 +26,6 @@ else (other devices, integer dtypes, empty inputs) goes to the reference engine.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -32,49 +34,29 @@ import torch
 from .. import _engine as E
 from . import triton_channels as C
 from . import triton_rows as R
-from ._fused import FLOATS, FusedBackend, Ops, output_for
+from . import _plan as P
+from ._fused import FusedBackend, Ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _runs(x: torch.Tensor) -> bool:
     on = x.is_cuda or (INTERPRET and x.device.type == "cpu")
-    return on and x.dtype in FLOATS and x.numel() > 0
+    return on and x.dtype in P.FLOATS and x.numel() > 0
 
 
-def _rows_shape(x: torch.Tensor, groups: int) -> tuple[int, int]:
-    d = math.prod(x.shape[x.dim() - groups:])
-    return (x.numel() // d if d else 0, d)
-
-
-def _nstats(x: torch.Tensor, kind: str, groups: int) -> int:
-    if kind in ("layer", "rms"):
-        return _rows_shape(x, groups)[0]
-    return x.shape[0] * groups if kind == "group" else x.shape[1]
-
-
-def _nparams(x: torch.Tensor, kind: str, groups: int) -> int:
-    return _rows_shape(x, groups)[1] if kind in ("layer", "rms") else x.shape[1]
+def _rows_shape(x: torch.Tensor, normalized_ndim: int) -> tuple[int, int]:
+    return P.counts(x, normalized_ndim, 0)
 
 
 def _flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if p is None else p.reshape(-1).contiguous()
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """x when the channel kernels read its strides (NCHW or channels-last dense), else a
-    contiguous copy."""
-    return x if x.is_contiguous() or _channels_last(x) else x.contiguous()
-
-
-def _like(t: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+def _like(t: torch.Tensor, x: torch.Tensor, nd: int, centered: bool) -> torch.Tensor:
     """``t`` (x's values) in torch's output layout for x (:func:`~normlab._engine.output_like`):
     t itself when the strides agree."""
-    out = output_for(x, kind)
+    out = P.output_for(x, nd, centered)
     if t.stride() == out.stride():
         return t
     out.copy_(t)
@@ -84,7 +66,7 @@ def _like(t: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
 def _as_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """t (e.g. dy) with like's dtype and memory order (channels-last or contiguous)."""
     t = t.to(like.dtype)
-    if _channels_last(like):
+    if P.channels_last(like):
         return t if t.movedim(1, -1).is_contiguous() else \
             t.movedim(1, -1).contiguous().movedim(-1, 1)
     return t.contiguous()
@@ -102,81 +84,84 @@ def _stats(mean, rstd, var, eps, acc) -> torch.Tensor:
 
 @torch.library.custom_op("normlab::triton_norm", mutates_args=())
 def triton_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                mean: Optional[torch.Tensor], var: Optional[torch.Tensor], kind: str,
-                groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                mean: Optional[torch.Tensor], var: Optional[torch.Tensor], normalized_ndim: int,
+                groups: int, centered: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     acc = E.compute_dtype(x.dtype)
-    if kind in ("layer", "rms"):
-        shape = _rows_shape(x, groups)
+    nd = normalized_ndim
+    if nd:
+        shape = _rows_shape(x, nd)
         y, _, mu, rstd = R.rows_forward(x.contiguous().view(shape), _flat(weight), _flat(bias),
-                                        eps, kind == "layer")
-        return _like(y.view(x.shape), x, kind), _stats(mu, rstd, None, eps, acc)
-    xd = _dense(x)
-    if kind == "group":
+                                        eps, centered)
+        return _like(y.view(x.shape), x, nd, centered), _stats(mu, rstd, None, eps, acc)
+    xd = P.dense(x, False)
+    if groups:
         y, mu, rstd = C.group_forward(xd, _flat(weight), _flat(bias), groups, eps)
         v = None
     else:
         y, mu, v, rstd = C.batch_forward(xd, _flat(weight), _flat(bias), eps,
                                          _flat(mean), _flat(var))
-    return _like(y, x, kind), _stats(mu, rstd, v, eps, acc)
+    return _like(y, x, nd, centered), _stats(mu, rstd, v, eps, acc)
 
 
 @triton_norm.register_fake
-def _(x, weight, bias, mean, var, kind, groups, eps):
-    return output_for(x, kind), x.new_empty((3, _nstats(x, kind, groups)),
-                                            dtype=E.compute_dtype(x.dtype))
+def _(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps):
+    sets, _ = P.counts(x, normalized_ndim, groups)
+    return (P.output_for(x, normalized_ndim, centered),
+            x.new_empty((3, sets), dtype=E.compute_dtype(x.dtype)))
 
 
 @torch.library.custom_op("normlab::triton_norm_backward", mutates_args=())
 def triton_norm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], x: torch.Tensor,
-                         weight: Optional[torch.Tensor], stats: torch.Tensor, kind: str,
-                         groups: int, input_stats: bool, need_dx: bool
+                         weight: Optional[torch.Tensor], stats: torch.Tensor, normalized_ndim: int,
+                         groups: int, centered: bool, input_stats: bool, need_dx: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = E.compute_dtype(x.dtype)
-    npar = _nparams(x, kind, groups)
-    if kind in ("layer", "rms"):
-        shape = _rows_shape(x, groups)
+    nd = normalized_ndim
+    _, npar = P.counts(x, nd, groups)
+    if nd:
+        shape = _rows_shape(x, nd)
         dhv = None if dh is None else dh.to(x.dtype).contiguous().view(shape)
         dx, dw, db = R.rows_backward(dy.contiguous().view(shape),
                                      x.contiguous().view(shape), _flat(weight), stats[0],
-                                     stats[1], kind == "layer", dhv, need_dx=need_dx)
-        dx = _like(dx.view(x.shape), x, kind) if need_dx else x.new_empty(0)
+                                     stats[1], centered, dhv, need_dx=need_dx)
+        dx = _like(dx.view(x.shape), x, nd, centered) if need_dx else x.new_empty(0)
     else:
-        xd = _dense(x)
+        xd = P.dense(x, False)
         g = _as_layout(dy, xd)
-        if kind == "group":
+        if groups:
             n = x.shape[0]
             dx, dw, db = C.group_backward(g, xd, _flat(weight), stats[0].view(n, groups),
                                           stats[1].view(n, groups), groups, need_dx=need_dx)
         else:
             dx, dw, db = C.batch_backward(g, xd, _flat(weight), stats[0], stats[1], input_stats,
                                           need_dx=need_dx)
-        dx = _like(dx, x, kind) if need_dx else x.new_empty(0)
+        dx = _like(dx, x, nd, centered) if need_dx else x.new_empty(0)
     return dx, dw.reshape(npar).to(acc), db.reshape(npar).to(acc)
 
 
 @triton_norm_backward.register_fake
-def _(dy, dh, x, weight, stats, kind, groups, input_stats, need_dx):
-    npar, acc = _nparams(x, kind, groups), E.compute_dtype(x.dtype)
-    dx = output_for(x, kind) if need_dx else x.new_empty(0)
+def _(dy, dh, x, weight, stats, normalized_ndim, groups, centered, input_stats, need_dx):
+    npar, acc = P.counts(x, normalized_ndim, groups)[1], E.compute_dtype(x.dtype)
+    dx = P.output_for(x, normalized_ndim, centered) if need_dx else x.new_empty(0)
     return dx, x.new_empty(npar, dtype=acc), x.new_empty(npar, dtype=acc)
 
 
 @torch.library.custom_op("normlab::triton_add_norm", mutates_args=())
 def triton_add_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                    bias: Optional[torch.Tensor], kind: str, groups: int, eps: float
+                    bias: Optional[torch.Tensor], normalized_ndim: int, centered: bool, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, stats) with h = x + residual (rounded to x's dtype) and y = norm(h), one pass."""
-    shape = _rows_shape(x, groups)
+    shape = _rows_shape(x, normalized_ndim)
     y, h, mu, rstd = R.rows_forward(x.contiguous().view(shape), _flat(weight), _flat(bias), eps,
-                                    kind == "layer", residual.contiguous().view(shape))
+                                    centered, residual.contiguous().view(shape))
     return (y.view(x.shape), h.view(x.shape),
             _stats(mu, rstd, None, eps, E.compute_dtype(x.dtype)))
 
 
 @triton_add_norm.register_fake
-def _(x, residual, weight, bias, kind, groups, eps):
+def _(x, residual, weight, bias, normalized_ndim, centered, eps):
     return (x.new_empty(x.shape), x.new_empty(x.shape),
-            x.new_empty((3, _rows_shape(x, groups)[0]), dtype=E.compute_dtype(x.dtype)))
+            x.new_empty((3, _rows_shape(x, normalized_ndim)[0]), dtype=E.compute_dtype(x.dtype)))
 
 
 def _given(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

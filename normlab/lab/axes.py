@@ -1,9 +1,9 @@
 """Which elements share one statistic, read off the engine's own reduction specs and drawn.
 
-Nothing here is written per norm: each norm is the :mod:`normlab._engine` function that builds
-its :class:`~normlab._engine.Reduction`, and :func:`stat_labels` numbers the statistics the
-way the engine broadcasts them (one per index of ``stats_shape``, expanded over ``view``), so
-the figure shows what the code computes. The drawing is the GroupNorm paper's Figure 2 (Wu &
+Nothing here is written per norm: each norm is its :mod:`normlab.registry` entry, whose
+:mod:`normlab._engine` function builds its :class:`~normlab._engine.Reduction`, and
+:func:`stat_labels` numbers the statistics the way the engine broadcasts them (one per index
+of ``stats_shape``, expanded over ``view``), so the figure shows what the code computes. The drawing is the GroupNorm paper's Figure 2 (Wu &
 He, 2018): an (N, C, H*W) activation cube with one statistics set highlighted.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Mapping
 
 import torch
 
 from .. import _engine as E
+from .. import registry
 
 SHAPE = (4, 6, 2, 3)  #: (N, C, H, W) of the drawn activation
 GROUPS = 2  #: GroupNorm's G in the drawing (and in :func:`normlab.lab.explain.explain`)
@@ -26,47 +27,54 @@ AXES = ("N", "C", "H", "W")
 
 @dataclass(frozen=True)
 class Norm:
-    """A norm as the engine sees it: the engine function ``fn`` that builds its
-    :class:`~normlab._engine.Reduction` and the arguments it takes for an input ``shape``."""
+    """A registered norm (:mod:`normlab.registry`) as the figures see it: ``key`` is its name
+    without separators (``"batchnorm"``)."""
 
-    key: str
-    title: str
-    fn: Callable[..., E.Reduction]
-    args: Callable[[tuple[int, ...], int], dict] = lambda shape, groups: {}
+    spec: registry.NormSpec
+
+    @property
+    def key(self) -> str:
+        return self.spec.name.replace("_", "")
+
+    @property
+    def title(self) -> str:
+        return self.spec.title
 
     def reduction(self, shape: tuple[int, ...], groups: int = GROUPS) -> E.Reduction:
-        return self.fn(tuple(shape), **self.args(tuple(shape), groups))
+        return self.spec.reduction(tuple(shape), self.spec.example_arg(tuple(shape), groups))
 
     def call(self, shape: tuple[int, ...], groups: int = GROUPS) -> str:
         """The engine call, as code: ``"group_reduction((4, 6, 2, 3), groups=2)"``."""
-        args = [repr(tuple(shape))] + [f"{k}={v!r}" for k, v in self.args(shape, groups).items()]
-        return f"{self.fn.__name__}({', '.join(args)})"
+        return self.spec.engine_call(tuple(shape), self.spec.example_arg(tuple(shape), groups))
 
     @property
     def doc(self) -> str:
         """The engine function's own description (its docstring's first paragraph)."""
-        return " ".join((self.fn.__doc__ or "").split("\n\n")[0].split())
+        return " ".join((self.spec.engine.__doc__ or "").split("\n\n")[0].split())
 
 
-def _rows(centered: bool):
-    return lambda shape, groups: {"normalized_ndim": len(shape) - 1, "centered": centered}
+class _Norms(Mapping):
+    """``key -> Norm`` for every registered norm, in registration order (the five in the
+    order of the GroupNorm paper's figure, then RMSNorm), read when asked: norms registered
+    later are drawn too."""
+
+    def __getitem__(self, key: str) -> Norm:
+        return norm(key)
+
+    def __iter__(self):
+        return (Norm(spec).key for spec in registry.norms())
+
+    def __len__(self) -> int:
+        return len(registry.names())
 
 
-NORMS: dict[str, Norm] = {n.key: n for n in (
-    Norm("batchnorm", "BatchNorm", E.batch_reduction),
-    Norm("layernorm", "LayerNorm", E.row_reduction, _rows(True)),
-    Norm("instancenorm", "InstanceNorm", E.instance_reduction),
-    Norm("groupnorm", "GroupNorm", E.group_reduction, lambda shape, groups: {"groups": groups}),
-    Norm("rmsnorm", "RMSNorm", E.row_reduction, _rows(False)),
-)}  #: in the order of the GroupNorm paper's figure, then RMSNorm
+NORMS = _Norms()
 
 
 def norm(name: str) -> Norm:
-    """The :class:`Norm` called ``name`` (case-insensitive, ``"BatchNorm"`` or ``"batchnorm"``)."""
-    key = name.lower().replace("_", "").replace("-", "")
-    if key not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; known: {', '.join(NORMS)}")
-    return NORMS[key]
+    """The :class:`Norm` called ``name`` in any spelling (``"BatchNorm"``, ``"batchnorm"``,
+    ``"batch_norm"``)."""
+    return Norm(registry.get(name))
 
 
 def stat_labels(red: E.Reduction, shape: tuple[int, ...]) -> torch.Tensor:

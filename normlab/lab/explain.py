@@ -64,10 +64,24 @@ class Example:
         return (self.y - self.torch_y).abs().max().item()
 
 
+def _case(norm: axes.Norm) -> _Case:
+    """The example of a norm: its own above, else the matrix as 3 rows of 3 features (row
+    norms) or a batch of 3 samples of 3 channels, checked against normlab's module."""
+    case = _CASES.get(norm.key)
+    if case is not None:
+        return case
+    cls = norm.spec.classes[0]
+    if norm.spec.input == "rows":
+        return _Case("3 rows of 3 features", ("N", "D"), False, lambda: cls(3), f"{cls.__name__}(3)")
+    return _Case("a batch of 3 samples (rows) of 3 channels (columns)", ("N", "C"), False,
+                 lambda: cls(3), f"{cls.__name__}(3)")
+
+
 def worked_example(name: str) -> Example:
-    """Normalize the 3x3 seed matrix with the engine and with torch.nn's module."""
+    """Normalize the 3x3 seed matrix with the engine and with the norm's module (torch.nn's,
+    for the norms torch has)."""
     norm = axes.norm(name)
-    case = _CASES[norm.key]
+    case = _case(norm)
     x = torch.tensor(SEED_MATRIX)
     x = x[None] if case.batched else x
     module = case.module()
@@ -125,7 +139,8 @@ def _matrix(t: torch.Tensor, indent: str = "    ") -> list[str]:
 def explain(norm: str, out_dir: str | Path = ".") -> str:
     """The text of ``normlab explain NORM``; writes ``axes-<norm>.png`` into ``out_dir``.
 
-    ``norm`` is one of batchnorm, layernorm, instancenorm, groupnorm, rmsnorm (any case).
+    ``norm`` is a registered norm in any spelling (:mod:`normlab.registry`: batchnorm,
+    layernorm, instancenorm, groupnorm, rmsnorm, ...).
     """
     nm = axes.norm(norm)
     d = axes.describe(nm.key)
@@ -136,7 +151,7 @@ def explain(norm: str, out_dir: str | Path = ".") -> str:
              f"  In words: {d.words()}.", ""]
 
     ex = worked_example(nm.key)
-    case = _CASES[nm.key]
+    case = _case(nm)
     shape = tuple(ex.x.shape)
     lines += [f"Worked example: x = [[1, 2, 3], [4, 5, 6], [7, 8, 9]] read as {case.reads_as}",
               f"  normlab._engine.{nm.call(shape, case.groups)}",
@@ -150,7 +165,8 @@ def explain(norm: str, out_dir: str | Path = ".") -> str:
                      f"{stat}")
     formula = "(x - mean) / sqrt(variance + eps)" if centered else "x / sqrt(mean square + eps)"
     lines += [f"  output {formula}, eps = {ex.eps:.3g}:", *_matrix(ex.y),
-              f"  torch.nn.{case.module_text} gives the same: max |engine - torch| = "
+              f"  {'torch.nn.' if nm.spec.torch_fn else 'normlab.nn.'}{case.module_text} gives "
+              f"the same: max |engine - torch| = "
               f"{ex.max_diff:.1e}" + ("" if ex.max_diff < 1e-6 else "  (MISMATCH)"), ""]
 
     path = axes.draw(Path(out_dir) / f"axes-{nm.key}.png", names=(nm.key,))

@@ -17,11 +17,6 @@ from .zoo import (
     GhostBatchNorm2d, LayerNorm2d, PartialRMSNorm, WSConv2d, adaptive_instance_norm,
 )
 
-from ._script import DROPINS as _DROPINS
-
-_DROPINS.update((BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d,
-                 InstanceNorm3d, GroupNorm, LayerNorm, RMSNorm))
-
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 
-DROPINS: set = set()  # the nine drop-in classes (normlab.nn registers them)
+DROPINS: set = set()  # the drop-ins of torch's classes (normlab._norms registers them)
 _METHODS = ("forward", "_apply_instance_norm")  # what the drop-ins compute with
 
 

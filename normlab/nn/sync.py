@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks, _engine
@@ -141,7 +140,7 @@ class SyncBatchNorm(Scriptable, _BatchNormForward, _BatchNorm):
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
         tracked = self.track_running_stats
-        return _SyncBatchNormFunction.apply(
+        return _sync_batch_norm(
             input, self.weight, self.bias,
             self.running_mean if tracked else None, self.running_var if tracked else None,
             eps, factor, group,
@@ -196,80 +195,42 @@ def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode BatchNorm over the global batch: one all_gather forward, one all_reduce
-    backward (when the input needs a gradient, as torch's: the same on every rank)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
-        red = _engine.batch_reduction(tuple(x.shape))
-        acc = _engine.compute_dtype(x.dtype)
-        channels = x.shape[1]
-        local_count = x.numel() // channels
-        # Rows: count, shift, delta, M2 (mean = shift + delta, the engine's split; see moments).
-        local = torch.zeros(4, channels, dtype=acc, device=x.device)
-        if local_count:
-            with torch.no_grad():
-                shift_r, delta_r, var_r = _engine.moments(x, red)
-            local[0] = local_count
-            local[1], local[2] = shift_r.reshape(channels), delta_r.reshape(channels)
-            local[3] = var_r.reshape(channels) * local_count
-        n_r, shift_r, delta_r, m2_r = _all_gather(local, group).unbind(1)  # each (world, C)
-        count = int(n_r[:, 0].to(torch.int64).sum())  # exact: each rank's count is < 2**24
-        if count <= 1:
-            raise ShapeError(
-                f"{_NAME}: expected more than 1 value per channel when training, got {count} "
-                f"over all ranks of the process group (this rank's input has shape "
-                f"{tuple(x.shape)}): the variance of one value is 0. Use larger batches or "
-                "eval mode (running statistics)"
-            )
-        # Chan's merge. The mean is kept as shift + delta like the engine's: ``shift`` is the
-        # rounded global mean, ``d_r = mu_r - shift`` is exact-ish (Sterbenz) and small, so
-        # ``delta`` recovers what rounding ``shift`` lost (1e4 + N(0, 1) stays accurate in fp32).
-        weights = n_r / count
-        shift = (weights * (shift_r + delta_r)).sum(0)
-        d_r = (shift_r - shift) + delta_r
-        delta = (weights * d_r).sum(0)
-        var = (m2_r.sum(0) + (n_r * (d_r - delta).square()).sum(0)) / count
-        _engine.update_running_stats(running_mean, running_var, shift + delta, var, count, momentum)
-
-        stats = red.stats_shape
-        shift, delta = shift.reshape(stats), delta.reshape(stats)
-        rstd = (var + eps).rsqrt().reshape(stats)
+def _sync_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group):
+    """Training-mode BatchNorm over the global batch: one all_gather of the per-rank moments in
+    forward, merged by Chan's formula (class docstring); the engine normalizes, and its backward
+    takes the global means of its sums through one all_reduce (when the input needs a gradient,
+    as torch's: the same on every rank)."""
+    red = _engine.batch_reduction(tuple(x.shape))
+    acc = _engine.compute_dtype(x.dtype)
+    channels = x.shape[1]
+    local_count = x.numel() // channels
+    # Rows: count, shift, delta, M2 (mean = shift + delta, the engine's split; see moments).
+    local = torch.zeros(4, channels, dtype=acc, device=x.device)
+    if local_count:
         with torch.no_grad():
-            y = _engine._center(_engine._view(x, red), shift, delta) * rstd
-            if weight is not None:
-                y = y * _engine._param(weight, red, acc)
-            if bias is not None:
-                y = y + _engine._param(bias, red, acc)
-        out = torch.empty_like(x)  # x's dtype and layout (channels_last too)
-        out.view(red.view).copy_(y)
-        ctx.save_for_backward(x, weight, shift, delta, rstd)
-        ctx.red, ctx.group, ctx.count = red, group, count
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        return out
+            shift_r, delta_r, var_r = _engine.moments(x, red)
+        local[0] = local_count
+        local[1], local[2] = shift_r.reshape(channels), delta_r.reshape(channels)
+        local[3] = var_r.reshape(channels) * local_count
+    n_r, shift_r, delta_r, m2_r = _all_gather(local, group).unbind(1)  # each (world, C)
+    count = int(n_r[:, 0].to(torch.int64).sum())  # exact: each rank's count is < 2**24
+    _checks.more_than_one_value(_NAME, x, count, "value per channel",
+                                across="all ranks of the process group")
+    # Chan's merge. The mean is kept as shift + delta like the engine's: ``shift`` is the
+    # rounded global mean, ``d_r = mu_r - shift`` is exact-ish (Sterbenz) and small, so
+    # ``delta`` recovers what rounding ``shift`` lost (1e4 + N(0, 1) stays accurate in fp32).
+    weights = n_r / count
+    shift = (weights * (shift_r + delta_r)).sum(0)
+    d_r = (shift_r - shift) + delta_r
+    delta = (weights * d_r).sum(0)
+    var = (m2_r.sum(0) + (n_r * (d_r - delta).square()).sum(0)) / count
+    _engine.update_running_stats(running_mean, running_var, shift + delta, var, count, momentum)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, shift, delta, rstd = ctx.saved_tensors
-        red = ctx.red
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g = _engine._view(dy, red)
-        xhat = _engine._center(_engine._view(x, red), shift, delta) * rstd
-        # (2, C): sum g and sum g * xhat over this rank's batch (zeros for an empty batch).
-        sums = torch.stack([g.sum(red.dims), (g * xhat).sum(red.dims)])
-        dx = dw = db = None
-        if need_w:
-            dw = sums[1].reshape(weight.shape).to(weight.dtype, copy=True)
-        if need_b:
-            shape, dtype = ctx.bias_meta
-            db = sums[0].reshape(shape).to(dtype, copy=True)
-        if need_x:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
-            mean_g, mean_gx = (sums / ctx.count).reshape(2, *red.stats_shape).unbind(0)
-            gx = (g - mean_g - xhat * mean_gx) * rstd
-            if weight is not None:
-                gx = gx * _engine._param(weight, red, gx.dtype)
-            dx = gx.to(x.dtype).reshape(x.shape)
-        return dx, dw, db, None, None, None, None, None
+    def global_means(sums: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        return sums / count
+
+    stats = red.stats_shape
+    return _engine.normalize_sets(
+        x, red, weight, bias, eps=eps, offsets=(shift.reshape(stats), delta.reshape(stats)),
+        var=var.reshape(stats), set_means=global_means)
