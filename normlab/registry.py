@@ -7,9 +7,9 @@ conformance checks. A name is found under any of its spellings (:func:`get`: ``"
 ``"LayerNorm"``, ``"layernorm"``, ``"LN"``).
 
 A norm is its :class:`~normlab._engine.Reduction` (which elements share a statistic) plus its
-parameters. Declaring one with :func:`functional` and :func:`module` gives the function, the
-``torch.nn.Module``, the ``reference`` backend (the engine computes any reduction; the fused
-backends fall back to it), the axes figure and the conformance tests; :func:`register` adds it.
+parameters. Declaring one (:func:`declare`) gives its function, its ``torch.nn.Module``, the ``reference``
+backend (the engine computes any reduction; the fused backends fall back to it), the axes
+figure, ``normlab explain`` and the conformance tests (``tests/test_registry.py``).
 The walkthrough (``tests/test_registry.py::test_a_new_norm_through_the_registry``) does it for a
 toy norm; :mod:`normlab.nn.zoo.scalenorm` does it for ScaleNorm (Nguyen & Salazar, 2019),
 :math:`y = g\,x/\max(\lVert x\rVert, \epsilon)`, in one file.
@@ -25,7 +25,8 @@ from . import _checks
 from . import _engine as E
 from ._dispatch import get_backend, wrapped
 
-__all__ = ["NormSpec", "register", "unregister", "get", "norms", "functional", "module"]
+__all__ = ["NormSpec", "declare", "register", "unregister", "get", "norms", "names",
+           "functional", "module"]
 
 INPUTS = ("channels", "rows")  # (N, C, *) inputs / trailing ``normalized_shape`` axes
 PARAMS = ("channel", "normalized", "scalar")  # (C,) / normalized_shape / (1,)
@@ -113,9 +114,9 @@ class NormSpec:
 
     def param_shape(self, shape: tuple[int, ...], arg) -> tuple[int, ...]:
         """The shape of ``weight`` and ``bias`` for an input of ``shape``."""
-        return {"channel": (shape[1],) if len(shape) > 1 else (),
-                "normalized": tuple(arg) if arg is not None else (),
-                "scalar": (1,)}[self.params]
+        if self.params == "channel":
+            return (shape[1],) if len(shape) > 1 else ()
+        return tuple(arg) if self.params == "normalized" else (1,)
 
     @property
     def classes(self) -> tuple[type, ...]:
@@ -219,64 +220,106 @@ def functional(name: str, engine: Callable[..., E.Reduction],
     return norm
 
 
-def module(spec_name: str, title: str, fn: Callable, *, input: str = "rows",
-           params: str = "normalized", bias: bool = True, eps: float = 1e-5,
-           doc: str = "") -> type:
-    """A ``torch.nn.Module`` class for a norm function made by :func:`functional`.
+def module(title: str, fn: Callable, *, input: str = "rows", params: str = "normalized",
+           bias: bool = True, eps: float = 1e-5, weight_init: Callable | None = None,
+           where: str = __name__, doc: str = "") -> type:
+    """A ``torch.nn.Module`` class named ``title`` for a norm function made by
+    :func:`functional`, defined as if in module ``where`` (for pickling).
 
     Row norms: ``Cls(normalized_shape, eps=eps, elementwise_affine=True, bias=bias,
     device=None, dtype=None)``; channel norms: ``Cls(num_channels, eps=eps, affine=True,
-    bias=bias, ...)``. The weight starts at ones, the bias at zeros, as torch's norms;
-    ``state_dict`` keys are ``weight`` and ``bias``."""
+    bias=bias, device=None, dtype=None)``. The weight starts at ones (or at
+    ``weight_init(size)``), the bias at zeros, as torch's norms; ``state_dict`` keys are
+    ``weight`` and ``bias``."""
     rows = input == "rows"
-    affine_name = "elementwise_affine" if rows else "affine"
+    has_bias = bias
 
-    def __init__(self, size, eps: float = eps, affine: bool = True, bias: bool = bias,
-                 device=None, dtype=None):
+    def setup(self, size, eps, affine, bias, device, dtype):
         torch.nn.Module.__init__(self)
-        size = (size,) if rows and isinstance(size, int) else tuple(size) if rows else int(size)
-        self.size, self.eps, self.affine = size, eps, affine
-        kw = dict(device=device, dtype=dtype)
+        self.eps = eps
+        if rows:
+            size = (size,) if isinstance(size, int) else tuple(size)
+            self.normalized_shape, self.elementwise_affine = size, affine
+        else:
+            self.num_channels, self.affine = size, affine
         shape = (1,) if params == "scalar" else size if rows else (size,)
+        kw = dict(device=device, dtype=dtype)
         if affine:
             self.weight = torch.nn.Parameter(torch.ones(shape, **kw))
-            self.bias = torch.nn.Parameter(torch.zeros(shape, **kw)) if bias and bias_ok else None
+            if weight_init is not None:
+                with torch.no_grad():
+                    self.weight.fill_(weight_init(size))
         else:
             self.register_parameter("weight", None)
+        if affine and bias and has_bias:
+            self.bias = torch.nn.Parameter(torch.zeros(shape, **kw))
+        elif has_bias:
             self.register_parameter("bias", None)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        arg = (self.size,) if rows else ()
-        kw = {"bias": self.bias} if bias_ok else {}
-        return fn(input, *arg, weight=self.weight, eps=self.eps, **kw)
+    if rows:
+        def __init__(self, normalized_shape, eps: float = eps, elementwise_affine: bool = True,
+                     bias: bool = bias, device=None, dtype=None):
+            setup(self, normalized_shape, eps, elementwise_affine, bias, device, dtype)
 
-    def extra_repr(self) -> str:
-        return f"{self.size}, eps={self.eps}, {affine_name}={self.affine}"
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            kw = {"bias": self.bias} if has_bias else {}
+            return fn(input, self.normalized_shape, weight=self.weight, eps=self.eps, **kw)
 
-    bias_ok = bias
-    if rows:  # the argument named as torch's row norms name it
-        def init(self, normalized_shape, eps: float = eps, elementwise_affine: bool = True,
-                 bias: bool = bias, device=None, dtype=None):
-            __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        def extra_repr(self) -> str:
+            return (f"{self.normalized_shape}, eps={self.eps}, "
+                    f"elementwise_affine={self.elementwise_affine}")
     else:
-        init = __init__
+        def __init__(self, num_channels: int, eps: float = eps, affine: bool = True,
+                     bias: bool = bias, device=None, dtype=None):
+            setup(self, int(num_channels), eps, affine, bias, device, dtype)
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            kw = {"bias": self.bias} if has_bias else {}
+            return fn(input, weight=self.weight, eps=self.eps, **kw)
+
+        def extra_repr(self) -> str:
+            return f"{self.num_channels}, eps={self.eps}, affine={self.affine}"
+
     return type(title, (torch.nn.Module,), {
-        "__init__": init, "forward": forward, "extra_repr": extra_repr,
-        "__doc__": doc or f"The {title} module (:func:`{spec_name}`)."})
+        "__init__": __init__, "forward": forward, "extra_repr": extra_repr,
+        "__module__": where, "__qualname__": title,
+        "__doc__": doc or f"The {title} module (:func:`{fn.__name__}`)."})
 
 
-def spec_from(fn: Callable, cls: type, title: str, engine: Callable[..., E.Reduction],
-              engine_args: Callable[[tuple[int, ...], Any], dict], *, input: str = "rows",
-              params: str = "normalized", bias: bool = True, eps: float = 1e-5,
-              oracle: Callable | None = None, aliases: tuple[str, ...] = (),
-              summary: str = "") -> NormSpec:
-    """The :class:`NormSpec` of a norm made by :func:`functional` and :func:`module`."""
+def declare(name: str, title: str, engine: Callable[..., E.Reduction],
+            engine_args: Callable[[tuple[int, ...], Any], dict], *, input: str = "rows",
+            params: str = "normalized", bias: bool = True, eps: float = 1e-5,
+            oracle: Callable | None = None, weight_init: Callable | None = None,
+            aliases: tuple[str, ...] = (), summary: str = "", where: str = __name__,
+            fn_doc: str = "", module_doc: str = "") -> NormSpec:
+    """Declare and :func:`register` a norm beyond torch's five: its function
+    (:func:`functional`) and its module class (:func:`module`), both defined as if in module
+    ``where``, are ``spec.fn`` and ``spec.classes[0]``. ``oracle(x, arg, weight, bias, eps)``
+    is the norm in plain torch ops (the tests' float64 reference, and what ``torch.func``
+    transforms compute). Returns the :class:`NormSpec`.
+
+    >>> import torch
+    >>> from normlab import _engine as E
+    >>> def pixel_reduction(shape):  # ProGAN's PixelNorm: a mean square over the channels
+    ...     return E.Reduction(tuple(shape), (1,), E.per_channel(shape), centered=False)
+    >>> spec = declare("pixel_norm", "PixelNorm", pixel_reduction, lambda shape, arg: {},
+    ...                input="channels", params="channel", bias=False, eps=1e-8)
+    >>> spec.fn(torch.tensor([[3.0, 4.0]]))  # x / sqrt((3^2 + 4^2) / 2)
+    tensor([[0.8485, 1.1314]])
+    >>> unregister("pixel_norm")
+    """
+    fn = functional(name, engine, engine_args, input=input, params=params, bias=bias, eps=eps,
+                    oracle=oracle, doc=fn_doc)
+    fn.__module__ = where
+    cls = module(title, fn, input=input, params=params, bias=bias, eps=eps,
+                 weight_init=weight_init, where=where, doc=module_doc)
     rows = input == "rows"
 
     def call(f, x, arg, weight, bias_, eps_):
         kw = {"bias": bias_} if bias else {}
         return f(x, *((arg,) if rows else ()), weight=weight, eps=eps_, **kw)
 
-    return NormSpec(fn.__name__, title, engine, engine_args, input, "normalized_shape" if rows else None,
-                    params, bias, eps, fn, call, oracle=oracle, modules=((None, cls),),
-                    aliases=aliases, summary=summary)
+    return register(NormSpec(
+        name, title, engine, engine_args, input, "normalized_shape" if rows else None, params,
+        bias, eps, fn, call, oracle=oracle, modules=((None, cls),), aliases=aliases,
+        summary=summary))
