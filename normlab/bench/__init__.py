@@ -44,13 +44,14 @@ and at the realistic batch, a training step; peers torch eager, ``normlab.patch(
 ``normlab.fold_batchnorm(normlab.patch(model))`` (CNN inference) and ``torch.compile``; the
 eager model's share of time in norms from ``torch.profiler``.
 """
-from .harness import (DEFAULT_SHAPES, DEVICES, DTYPES, LAYOUTS, NORMS, PASSES, PEER_FACTORIES,
-                      PEERS, PRESETS, QUICK_SHAPES, Cell, Config, CpuTimer, CudaTimer, PeerFn,
-                      Result, copy_bandwidth, liger_status, run, time_cell)
 from .models_harness import ModelConfig, ModelResult
 from .models_harness import run as run_models
-from .report import (from_csv, geomean, minimal_bytes, speedups, summary, targets, to_csv,
-                     to_markdown)
+from .peers import PEER_FACTORIES, PeerFn, liger_status
+from .report import from_csv, geomean, speedups, summary, targets, to_csv, to_markdown
+from .runner import run, time_cell
+from .spec import (DEFAULT_SHAPES, DEVICES, DTYPES, LAYOUTS, NORMS, PASSES, PEERS, PRESETS,
+                   QUICK_SHAPES, Cell, Config, Result, minimal_bytes)
+from .timing import CpuTimer, CudaTimer, copy_bandwidth
 
 __all__ = [
     "Config", "Cell", "Result", "run", "time_cell", "copy_bandwidth", "to_markdown", "to_csv",
