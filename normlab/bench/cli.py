@@ -164,13 +164,6 @@ def config_from_args(args: argparse.Namespace) -> spec.Config:
     )
 
 
-def out_paths(out: str, stem: str = "bench") -> tuple[str, str]:
-    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/STEM.csv and DIR/STEM.md."""
-    if out.lower().endswith(".csv"):
-        return out, out[:-4] + ".md"
-    return os.path.join(out, f"{stem}.csv"), os.path.join(out, f"{stem}.md")
-
-
 def _write(results, csv_path: str, md_path: str, rep=report) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     md = rep.to_markdown(results)
@@ -218,7 +211,7 @@ def models_main(args: argparse.Namespace, parser: argparse.ArgumentParser | None
         if parser is None:
             raise
         parser.error(str(e))
-    paths = out_paths(args.out, "models") if args.out else None
+    paths = report.out_paths(args.out, "models") if args.out else None
     on_case = (lambda done: _write(done, *paths, rep=models_report)) if paths else None
     results = models_harness.run(config, on_case=on_case)
     print(models_report.to_markdown(results))
@@ -261,7 +254,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
     given = [_flag(k) for k, v in _DISPATCH_ONLY.items() if getattr(args, k, v) != v]
     if given and parser is not None:
         parser.error(f"{', '.join(given)} need{'s' * (len(given) == 1)} --dispatch")
-    paths = out_paths(args.out) if args.out else None
+    paths = report.out_paths(args.out) if args.out else None
     if args.from_csv:
         try:
             results = report.from_csv([f for f in args.from_csv.split(",") if f])

@@ -1,6 +1,7 @@
 """The benchmark's reports: its Results as CSV (:func:`to_csv`, and back with
-:func:`from_csv`), the summary line, the markdown report and issue 4's targets. GB/s and
-roofline follow the minimal-bytes model of :mod:`.spec`.
+:func:`from_csv`), the summary line, the markdown report and issue 4's targets; and where
+``--out`` writes them (:func:`out_paths`). GB/s and roofline follow the minimal-bytes model of
+:mod:`.spec`.
 """
 from __future__ import annotations
 
@@ -154,6 +155,13 @@ def csv_rows(f, path, required: Sequence[str]):
         yield row
     if n == 0:
         raise ValueError(f"{path}: the CSV holds no rows")
+
+
+def out_paths(out: str, stem: str = "bench") -> tuple[str, str]:
+    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/STEM.csv and DIR/STEM.md."""
+    if out.lower().endswith(".csv"):
+        return out, out[:-4] + ".md"
+    return os.path.join(out, f"{stem}.csv"), os.path.join(out, f"{stem}.md")
 
 
 def _ms(r: Result | None) -> str:
