@@ -43,6 +43,20 @@ imports BERT-base, GPT-2 small and a 4-layer Llama, with random weights: inferen
 and at the realistic batch, a training step; peers torch eager, ``normlab.patch(model)``,
 ``normlab.fold_batchnorm(normlab.patch(model))`` (CNN inference) and ``torch.compile``; the
 eager model's share of time in norms from ``torch.profiler``.
+
+Modules, in import order: each imports only ones above it (``tests/test_structure.py``)::
+
+    progress        the progress bar
+    env             probes: the CPU, versions, the device's name, Liger-Kernel
+    spec            names, shapes, presets; Cell, Config, Result; the minimal-bytes model
+    peers           the peers and how each calls a norm
+    timing          the clocks, the round-robin loop, the copy bandwidth
+    runner          a cell's inputs and passes, time_cell, run
+    report          CSV in and out, the markdown, the summary, issue 4's targets
+    dispatch        --dispatch: the kernels against ATen, auto's table
+    models          --models: the models; then models_harness (timing), models_report
+    harness         the old names that normlab.lab.experiments.speed uses
+    cli             the options and the command
 """
 from .models_harness import ModelConfig, ModelResult
 from .models_harness import run as run_models
