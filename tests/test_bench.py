@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from normlab import bench
-from normlab.bench import harness
-from normlab.bench.harness import Cell
+from normlab.bench import env, peers, runner, timing
+from normlab.bench.spec import Cell
 from normlab.cli import main
 
 
@@ -228,7 +228,7 @@ def test_presets_expand_to_their_cells(monkeypatch):
 
 def _no_liger(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel -> ImportError
-    harness.liger_status.cache_clear()
+    peers.liger_status.cache_clear()
 
 
 def test_liger_peer_is_na_when_not_importable(monkeypatch, tmp_path):
@@ -238,7 +238,7 @@ def test_liger_peer_is_na_when_not_importable(monkeypatch, tmp_path):
                               **_FAST)
         assert config.peers == ("normlab", "torch", "liger")
         results = bench.run(config)
-        assert harness.liger_status()[0] is None
+        assert peers.liger_status()[0] is None
         # GroupNorm: no Liger row at all; RMSNorm: a Liger row, n/a with the reason
         assert [(r.cell.norm, r.peer) for r in results] == [
             ("rms_norm", "normlab"), ("rms_norm", "torch"), ("rms_norm", "liger"),
@@ -258,12 +258,12 @@ def test_liger_peer_is_na_when_not_importable(monkeypatch, tmp_path):
         # not asked for: on CPU the default peers leave Liger out
         assert "liger" not in bench.Config(quick=True).peers
     finally:
-        harness.liger_status.cache_clear()
+        peers.liger_status.cache_clear()
 
 
 def _fake_peer(cell, config, x, cache):
     """Torch eager under another name, writing into its own dy like Liger's RMSNorm."""
-    eager = harness._norm_fns(torch.nn.functional)[cell.norm]
+    eager = peers._norm_fns(torch.nn.functional)[cell.norm]
 
     class Clobber(torch.autograd.Function):
         @staticmethod
@@ -275,11 +275,11 @@ def _fake_peer(cell, config, x, cache):
             dy.mul_(1.0)  # in place, as Liger's in_place=True
             return dy
 
-    return harness.PeerFn("fake 1.0", lambda *a: Clobber.apply(eager(*a)), own_dy=True)
+    return peers.PeerFn("fake 1.0", lambda *a: Clobber.apply(eager(*a)), own_dy=True)
 
 
 def test_a_fake_peer_gets_speedup_columns(monkeypatch):
-    monkeypatch.setitem(harness.PEER_FACTORIES, "liger", _fake_peer)
+    monkeypatch.setitem(peers.PEER_FACTORIES, "liger", _fake_peer)
     config = bench.Config(norms="layer_norm,rms_norm", peers="eager,liger",
                           passes="fwd,bwd", **_FAST)
     results = bench.run(config)
@@ -324,7 +324,7 @@ class _FakeCuda:
 
 def test_cuda_clock_with_a_stand_in_torch_cuda():
     api = _FakeCuda()
-    timer = harness.CudaTimer(flush_mib=1, device="cpu", api=api)
+    timer = timing.CudaTimer(flush_mib=1, device="cpu", api=api)
     assert timer.label == "cuda-events, L2 flush 1 MiB"
     calls = []
     timer.cache.fill_(7)
@@ -335,16 +335,16 @@ def test_cuda_clock_with_a_stand_in_torch_cuda():
     timer.sample(lambda: None, 4, flush=False)  # one pair around the calls, no flush
     assert api.events == 8 and timer.cache.sum().item() == 7 * timer.cache.numel()
     # the copy bandwidth: one event pair per copy, never flushed
-    samples = harness.copy_samples(1, reps=3, device="cpu", timer=timer)
+    samples = timing.copy_samples(1, reps=3, device="cpu", timer=timer)
     assert len(samples) == 3 and all(t > 0 for t in samples) and api.events == 14
     # a whole cell on that clock: warm-up and rounds synchronize around the host clock
     config = bench.Config(norms="rms_norm", passes="bwd", peers="eager", **_FAST)
     before = api.syncs
-    results = harness.time_cell(config.cells()[0], config, 10.0, timer=timer)
+    results = runner.time_cell(config.cells()[0], config, 10.0, timer=timer)
     assert [r.peer for r in results] == ["normlab", "torch"]
     assert all(r.ms > 0 and r.timing == timer.label for r in results)
     assert api.syncs - before >= 2 * (2 + 1 + 1)  # per peer: warm-up 2, once 1, 1 round 1
-    assert harness.make_timer(config).label == "perf_counter"
+    assert timing.make_timer(config).label == "perf_counter"
 
 
 def test_csv_device_columns_out_file_and_merge(tmp_path, capsys):
@@ -433,16 +433,16 @@ def test_a_peer_failing_mid_run_is_na_and_the_others_stand(monkeypatch):
     calls = []
 
     def flaky(cell, config, x, cache):
-        eager = harness._norm_fns(torch.nn.functional)[cell.norm]
+        eager = peers._norm_fns(torch.nn.functional)[cell.norm]
 
         def fn(*args):
             calls.append(1)
             if len(calls) > 2:  # after the warm-up and the reps estimate
                 raise torch.cuda.OutOfMemoryError("boom")
             return eager(*args)
-        return harness.PeerFn("flaky", fn)
+        return peers.PeerFn("flaky", fn)
 
-    monkeypatch.setitem(harness.PEER_FACTORIES, "liger", flaky)
+    monkeypatch.setitem(peers.PEER_FACTORIES, "liger", flaky)
     results = bench.run(bench.Config(norms="rms_norm", passes="fwd", peers="eager,liger",
                                      **{**_FAST, "rounds": 3}))
     assert [(r.peer, bool(r.error)) for r in results] == [
@@ -458,5 +458,5 @@ def test_liger_arguments_follow_the_installed_signature():
         pass
 
     values = {"X": 1, "W": 2, "eps": 3, "offset": 0.0, "casting_mode": "llama", "in_place": True}
-    assert harness._positional(new, values) == [1, 2, 3, 0.0, "llama", True]
-    assert harness._positional(old, values) == [1, 2, 3, 0.0, "llama"]
+    assert env._positional(new, values) == [1, 2, 3, 0.0, "llama", True]
+    assert env._positional(old, values) == [1, 2, 3, 0.0, "llama"]

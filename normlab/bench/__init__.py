@@ -43,14 +43,29 @@ imports BERT-base, GPT-2 small and a 4-layer Llama, with random weights: inferen
 and at the realistic batch, a training step; peers torch eager, ``normlab.patch(model)``,
 ``normlab.fold_batchnorm(normlab.patch(model))`` (CNN inference) and ``torch.compile``; the
 eager model's share of time in norms from ``torch.profiler``.
+
+Modules, in import order: each imports only ones above it (``tests/test_structure.py``)::
+
+    progress        the progress bar
+    env             probes: the CPU, versions, the device's name, Liger-Kernel
+    spec            names, shapes, presets; Cell, Config, Result; the minimal-bytes model
+    peers           the peers and how each calls a norm
+    timing          the clocks, the round-robin loop, the copy bandwidth
+    runner          a cell's inputs and passes, time_cell, run
+    report          CSV in and out, the markdown, the summary, issue 4's targets
+    dispatch        --dispatch: the kernels against ATen, auto's table
+    models          --models: the models; then models_harness (timing), models_report
+    harness         the old names that normlab.lab.experiments.speed uses
+    cli             the options and the command
 """
-from .harness import (DEFAULT_SHAPES, DEVICES, DTYPES, LAYOUTS, NORMS, PASSES, PEER_FACTORIES,
-                      PEERS, PRESETS, QUICK_SHAPES, Cell, Config, CpuTimer, CudaTimer, PeerFn,
-                      Result, copy_bandwidth, liger_status, run, time_cell)
 from .models_harness import ModelConfig, ModelResult
 from .models_harness import run as run_models
-from .report import (from_csv, geomean, minimal_bytes, speedups, summary, targets, to_csv,
-                     to_markdown)
+from .peers import PEER_FACTORIES, PeerFn, liger_status
+from .report import from_csv, geomean, speedups, summary, targets, to_csv, to_markdown
+from .runner import run, time_cell
+from .spec import (DEFAULT_SHAPES, DEVICES, DTYPES, LAYOUTS, NORMS, PASSES, PEERS, PRESETS,
+                   QUICK_SHAPES, Cell, Config, Result, minimal_bytes)
+from .timing import CpuTimer, CudaTimer, copy_bandwidth
 
 __all__ = [
     "Config", "Cell", "Result", "run", "time_cell", "copy_bandwidth", "to_markdown", "to_csv",

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from . import dispatch, harness, models_harness, models_report, report
+from . import dispatch, models_harness, models_report, report, runner, spec
 from . import models as zoo
 from ..kernels import auto
 
@@ -13,7 +13,7 @@ from ..kernels import auto
 def _list(kind: str, known):
     def parse(text: str):
         try:
-            return harness._names(kind, text, known)
+            return spec._names(kind, text, known)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
@@ -21,7 +21,7 @@ def _list(kind: str, known):
 
 def _shapes(text: str):
     try:
-        return harness.parse_shapes(text)
+        return spec.parse_shapes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -93,18 +93,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     disp.add_argument("--table", metavar="FILE.json", default=None,
                       help="write the table (cells not measured keep FILE's choice); auto reads"
                            " normlab/kernels/cpu_dispatch.json")
-    p.add_argument("--device", choices=harness.DEVICES, default="cpu",
+    p.add_argument("--device", choices=spec.DEVICES, default="cpu",
                    help="where the tensors live (default: cpu). cuda: CUDA events, an L2 flush"
                         " before each timed call, a device-to-device copy bandwidth")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes and 3 rounds (tests, smoke runs); --models: the tiny"
                         " model configurations, 2 rounds")
-    p.add_argument("--norms", type=_list("norm", harness.NORMS), default=None,
-                   help=f"comma-separated, from {','.join(harness.NORMS)} (default: every norm"
+    p.add_argument("--norms", type=_list("norm", spec.NORMS), default=None,
+                   help=f"comma-separated, from {','.join(spec.NORMS)} (default: every norm"
                         " the shapes can run)")
-    p.add_argument("--layouts", type=_list("layout", harness.LAYOUTS), default=harness.LAYOUTS,
+    p.add_argument("--layouts", type=_list("layout", spec.LAYOUTS), default=spec.LAYOUTS,
                    help="layouts of the channel norms: nchw,channels_last (default: both)")
-    p.add_argument("--dtypes", type=_list("dtype", tuple(harness.DTYPES)), default=None,
+    p.add_argument("--dtypes", type=_list("dtype", tuple(spec.DTYPES)), default=None,
                    help="comma-separated, e.g. float32,bfloat16 (default: float32; --dispatch:"
                         " all)")
     shapes = p.add_mutually_exclusive_group()
@@ -112,16 +112,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="e.g. 32x64x56x56,4096x1024: 4-D for the channel norms, 2-D rows for"
                              " layer_norm and rms_norm (default: the realistic CPU set, or tiny"
                              " with --quick)")
-    shapes.add_argument("--preset", choices=tuple(harness.PRESETS), default=None,
+    shapes.add_argument("--preset", choices=tuple(spec.PRESETS), default=None,
                         help="GPU-sized shapes: llm = rows "
-                             + ", ".join("x".join(map(str, s)) for s in harness.PRESETS["llm"])
+                             + ", ".join("x".join(map(str, s)) for s in spec.PRESETS["llm"])
                              + "; cnn = "
-                             + ", ".join("x".join(map(str, s)) for s in harness.PRESETS["cnn"])
+                             + ", ".join("x".join(map(str, s)) for s in spec.PRESETS["cnn"])
                              + " (NCHW and channels_last); all = both")
-    p.add_argument("--passes", type=_list("pass", harness.PASSES), default=None,
+    p.add_argument("--passes", type=_list("pass", spec.PASSES), default=None,
                    help="from fwd,bwd,fwd+bwd; bwd is the backward alone (default: fwd,fwd+bwd"
                         " on cpu, fwd,bwd on cuda)")
-    p.add_argument("--peers", type=_list("peer", harness.PEER_OPTIONS), default=None,
+    p.add_argument("--peers", type=_list("peer", spec.PEER_OPTIONS), default=None,
                    help="what normlab is timed against, from eager,compile,liger (default:"
                         " eager,compile, and liger on cuda when liger_kernel imports; liger"
                         " only has layer_norm and rms_norm)")
@@ -153,8 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bar on stderr")
 
 
-def config_from_args(args: argparse.Namespace) -> harness.Config:
-    return harness.Config(
+def config_from_args(args: argparse.Namespace) -> spec.Config:
+    return spec.Config(
         norms=args.norms, layouts=args.layouts, dtypes=args.dtypes or ("float32",),
         shapes=args.shapes,
         passes=args.passes, rounds=args.rounds, backend=args.backend, compile=args.compile,
@@ -162,13 +162,6 @@ def config_from_args(args: argparse.Namespace) -> harness.Config:
         peers=args.peers, preset=args.preset, flush_l2=args.flush_l2,
         time_budget_s=args.time_budget, copy_mib=args.copy_mib,
     )
-
-
-def out_paths(out: str, stem: str = "bench") -> tuple[str, str]:
-    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/STEM.csv and DIR/STEM.md."""
-    if out.lower().endswith(".csv"):
-        return out, out[:-4] + ".md"
-    return os.path.join(out, f"{stem}.csv"), os.path.join(out, f"{stem}.md")
 
 
 def _write(results, csv_path: str, md_path: str, rep=report) -> str:
@@ -182,7 +175,7 @@ def _write(results, csv_path: str, md_path: str, rep=report) -> str:
 
 # options of the kernel bench alone, and the value each has when not given
 _KERNEL_ONLY = {
-    "norms": None, "layouts": harness.LAYOUTS, "dtypes": None, "shapes": None,
+    "norms": None, "layouts": spec.LAYOUTS, "dtypes": None, "shapes": None,
     "preset": None, "passes": None, "peers": None, "groups": 32, "copy_mib": None,
     "flush_l2": True, "from_csv": None, "device": "cpu",
 }
@@ -218,7 +211,7 @@ def models_main(args: argparse.Namespace, parser: argparse.ArgumentParser | None
         if parser is None:
             raise
         parser.error(str(e))
-    paths = out_paths(args.out, "models") if args.out else None
+    paths = report.out_paths(args.out, "models") if args.out else None
     on_case = (lambda done: _write(done, *paths, rep=models_report)) if paths else None
     results = models_harness.run(config, on_case=on_case)
     print(models_report.to_markdown(results))
@@ -261,7 +254,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
     given = [_flag(k) for k, v in _DISPATCH_ONLY.items() if getattr(args, k, v) != v]
     if given and parser is not None:
         parser.error(f"{', '.join(given)} need{'s' * (len(given) == 1)} --dispatch")
-    paths = out_paths(args.out) if args.out else None
+    paths = report.out_paths(args.out) if args.out else None
     if args.from_csv:
         try:
             results = report.from_csv([f for f in args.from_csv.split(",") if f])
@@ -277,7 +270,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
                 raise
             parser.error(str(e))
         on_cell = (lambda done: _write(done, *paths)) if paths else None
-        results = harness.run(config, on_cell=on_cell)
+        results = runner.run(config, on_cell=on_cell)
     md = report.to_markdown(results)
     print(md)
     if paths:

@@ -37,8 +37,9 @@ import normlab
 import normlab.functional as NF
 from normlab.kernels import auto
 
+from .env import machine, versions
 from .progress import progress_bar
-from .report import machine, versions
+from .report import csv_rows, out_paths
 
 ROW_NORMS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 LAYOUTS = {n: ("rows",) for n in ROW_NORMS}
@@ -278,8 +279,6 @@ def from_csv(paths: Sequence[str]) -> list[Timing]:
     three or more, those of its median run by ratio (the two middle ones' geometric means for
     an even count), so that one disturbed run (this VM moves a cell by 2x at times) cannot
     decide it."""
-    from .report import csv_rows
-
     by: dict[Cell, list] = {}
     need = ("norm", "layout", "dtype", "size_class", "pass", "kernels_ms", "aten_ms", "rounds")
     for path in paths:
@@ -357,8 +356,6 @@ def main(args, parser=None) -> int:
     """``normlab bench --dispatch``: time the grid, print the markdown, write ``--out``
     (CSV and markdown) and, with ``--table FILE``, the dispatch table. An unreadable
     ``--from-csv`` or ``--dispatch-recheck`` file is a parser error (with ``parser``)."""
-    from .cli import out_paths
-
     classes = QUICK_CLASSES if args.quick else None
     grid = cells(norms=args.dispatch_norms, dtypes=args.dtypes, classes=classes)
     try:

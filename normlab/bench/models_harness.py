@@ -14,7 +14,7 @@ copy of one randomly initialized model (same weights, inputs and optimizer setti
 
 Inference is ``model(inputs)`` under ``torch.no_grad()`` in eval mode; a training step, in train
 mode, is ``zero_grad``, the forward and its loss, ``backward`` and ``torch.optim.SGD(lr=LR)``'s
-step. Timing as the kernel bench (:mod:`.harness`): a warm-up call per peer, then ``rounds``
+step. Timing as the kernel bench (:mod:`.runner`): a warm-up call per peer, then ``rounds``
 rounds that each time every peer once, the order rotated every round; median and min per peer.
 A sample repeats the call until it lasts ``min_time_s`` (only the tiny quick models need more
 than one call). Correctness: each peer's warm-up result against torch's, as the largest
@@ -48,9 +48,11 @@ from normlab._dispatch import synchronous_warmup
 from normlab._patch import TWINS
 
 from . import models as zoo
-from .harness import CpuTimer, _default_backend, _names, _reason, interleaved
+from .env import _default_backend, machine, versions
+from .peers import _reason
 from .progress import progress_bar
-from .report import machine, versions
+from .spec import _names
+from .timing import CpuTimer, interleaved
 
 MODES = ("infer", "train")
 PEERS = ("torch", "normlab", "normlab+fold", "compile")
@@ -448,7 +450,7 @@ def _info(config: ModelConfig) -> dict:
 
 
 def run_versions() -> str:
-    """:func:`report.versions` and, where it imports, transformers' version."""
+    """:func:`env.versions` and, where it imports, transformers' version."""
     tf, label = zoo.transformers_status()
     return versions() + (f", {label}" if tf is not None else "")
 

@@ -10,14 +10,14 @@ import csv
 import io
 import math
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
-from .report import _listing, geomean, machine
-
-if TYPE_CHECKING:
-    from .models_harness import ModelResult
+from .env import machine
+from .models import MODELS
+from .models_harness import LR, PEERS, ModelResult
+from .report import _listing, geomean
 
 CSV_FIELDS = (
     "model", "layout", "mode", "batch", "input", "peer", "impl", "ms", "ms_min", "rounds",
@@ -106,8 +106,6 @@ def _x(eager: ModelResult | None, peer: ModelResult | None) -> str:
 
 
 def _peers(results: Sequence[ModelResult]) -> list[str]:
-    from .models_harness import PEERS
-
     present = {r.peer for r in results}
     return [p for p in PEERS if p in present]
 
@@ -132,8 +130,6 @@ def summary(results: Sequence[ModelResult]) -> str:
 
 
 def _model_lines(results: Sequence[ModelResult]) -> list[str]:
-    from .models import MODELS
-
     quick = any(r.quick for r in results)
     seen = list(dict.fromkeys(r.case.model for r in results))
     return [f"  - {name}: " + (MODELS[name].quick_summary + " (quick)" if quick
@@ -144,8 +140,6 @@ def to_markdown(results: Sequence[ModelResult]) -> str:
     """A markdown report: a header (machine, versions, threads, peers, timing method, load),
     one table row per case, the models, the n/a reasons, the norms patch left alone, compile
     time, the largest differences from torch eager, what norm % counts, and the summary."""
-    from .models_harness import LR
-
     cases = _by_case(results)
     peers = _peers(results)
     others = peers[1:]

@@ -1,78 +1,23 @@
-"""The minimal-bytes model, and the benchmark's CSV and markdown reports.
-
-Minimal bytes (``shared/design/architecture.md``), with ``s`` the element size, per element of
-x: a forward pass reads x and writes y, 2s (BatchNorm in training 3s: a statistics pass, then a
-normalize pass); a backward pass reads x and dy and writes dx, 3s (BatchNorm 5s). Per element of
-the affine parameters (C or D of them): the forward reads weight and bias (RMSNorm: weight;
-BatchNorm also reads and writes the running mean and variance), the backward reads weight and
-writes the weight and bias gradients. Per-row or per-group statistics and partial sums are not
-counted. GB/s = bytes / time, compared with the copy bandwidth ``2 * bytes / time`` of
-``dst.copy_(src)`` measured in the same run on the same device.
+"""The benchmark's reports: its Results as CSV (:func:`to_csv`, and back with
+:func:`from_csv`), the summary line, the markdown report and issue 4's targets; and where
+``--out`` writes them (:func:`out_paths`). GB/s and roofline follow the minimal-bytes model of
+:mod:`.spec`.
 """
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import math
 import os
-import platform
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from .harness import Result
+from .env import machine, versions
+from .spec import BYTES_MODEL, CHANNEL_NORMS, PEERS, ROW_NORMS, Cell, Result
 
-_FWD = {"batch_norm": 3}  # bytes per element of x, in element sizes; others 2
-_BWD = {"batch_norm": 5}  # others 3
-_FWD_PARAMS = {"rms_norm": 1, "batch_norm": 6}  # per parameter element; others 2 (weight, bias)
-_BWD_PARAMS = {"rms_norm": 2}  # read weight, write its gradient (and bias's); others 3
 FWD_TARGET, BWD_TARGET = 0.85, 0.70  # issue 4: fractions of the copy bandwidth, rows 1K-64K
 TARGET_ROWS = (1024, 65536)
-
-
-def minimal_bytes(norm: str, pass_: str, numel: int, element_size: int, params: int = 0) -> int:
-    """Bytes a ``pass_`` ("fwd", "bwd" or "fwd+bwd") of ``norm`` must move over ``numel``
-    elements of x with ``params`` elements per affine parameter.
-
-    >>> minimal_bytes("layer_norm", "fwd+bwd", 4096 * 1024, 4)  # 5 * 4 bytes per element
-    83886080
-    >>> minimal_bytes("batch_norm", "fwd+bwd", 10, 2)  # 8 * 2 bytes per element
-    160
-    >>> minimal_bytes("rms_norm", "bwd", 4 * 8, 2, params=8)  # 3 * 2 * 32 + (2 * 2) * 8
-    224
-    """
-    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
-        raise ValueError(f"unknown pass {pass_!r}; known passes: fwd, bwd, fwd+bwd")
-    per, per_param = 0, 0
-    if pass_ != "bwd":
-        per, per_param = _FWD.get(norm, 2), _FWD_PARAMS.get(norm, 2)
-    if pass_ != "fwd":
-        per, per_param = per + _BWD.get(norm, 3), per_param + _BWD_PARAMS.get(norm, 3)
-    return (per * numel + per_param * params) * element_size
-
-
-BYTES_MODEL = (
-    "bytes = minimal traffic: fwd reads x, writes y (2 x element size per element; BatchNorm"
-    " training 3: a statistics pass, then a normalize pass) and reads weight and bias"
-    " (BatchNorm also reads and writes the running stats); bwd reads x and dy, writes dx (3;"
-    " BatchNorm 5) and reads weight, writes the parameter gradients; per-row/group statistics"
-    " are not counted")
-
-
-def machine() -> str:
-    """The CPU's name (``platform.processor()``, else /proc/cpuinfo's model name), the
-    architecture and the logical CPU count."""
-    name = platform.processor()
-    if not name or name == platform.machine():
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((ln.split(":", 1)[1].strip() for ln in f
-                             if ln.startswith("model name")), "")
-        except OSError:
-            name = ""
-    return f"{name or 'unknown CPU'} ({platform.machine()}), {os.cpu_count()} logical CPUs"
 
 
 def geomean(values: Iterable[float]) -> float:
@@ -106,22 +51,6 @@ CSV_FIELDS = (
     "copy_mib", "versions",
 )
 PEER_NAMES = {"torch": "torch eager", "compile": "torch.compile", "liger": "Liger-Kernel"}
-
-
-@functools.lru_cache(maxsize=None)
-def versions() -> str:
-    """``torch X (CUDA Y), triton Z, normlab W`` of this process."""
-    import normlab
-
-    out = f"torch {torch.__version__}"
-    if torch.version.cuda:
-        out += f" (CUDA {torch.version.cuda})"
-    try:
-        import triton
-        out += f", triton {triton.__version__}"
-    except Exception:  # noqa: BLE001 - not installed, or broken: not a peer of ours
-        pass
-    return out + f", normlab {normlab.__version__}"
 
 
 def _f(value, fmt: str) -> str:
@@ -168,8 +97,6 @@ def from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Res
     columns read as CPU runs), in file order: to merge runs and render them again. A cell and
     peer seen twice keeps the later row, unless that one is n/a and the earlier one is not (a
     rerun of the cells a time budget cut keeps the cells timed before)."""
-    from .harness import Cell, Result
-
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
 
@@ -178,7 +105,7 @@ def from_csv(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Res
         with open(path, newline="") as f:
             for n, row in enumerate(csv_rows(f, path, _REQUIRED), 2):
                 try:
-                    r = _result(row, Cell, Result)
+                    r = _result(row)
                 except ValueError as e:
                     raise ValueError(f"{path}: row {n}: {e}") from None
                 seen = out.get((r.cell, r.peer))
@@ -191,8 +118,8 @@ def _num(text, cast=float):
     return None if text in (None, "") else cast(text)
 
 
-def _result(row: dict, Cell, Result) -> "Result":
-    """One CSV row as a Result (``Cell``, ``Result``: the harness's classes, imported late)."""
+def _result(row: dict) -> Result:
+    """One CSV row as a Result."""
     cell = Cell(row["norm"], row["layout"], row["dtype"],
                 tuple(int(d) for d in row["shape"].split("x")), row["pass"],
                 int(row["groups"] or 0))
@@ -230,6 +157,13 @@ def csv_rows(f, path, required: Sequence[str]):
         raise ValueError(f"{path}: the CSV holds no rows")
 
 
+def out_paths(out: str, stem: str = "bench") -> tuple[str, str]:
+    """(csv, md) for ``--out``: FILE.csv and FILE.md, or DIR/STEM.csv and DIR/STEM.md."""
+    if out.lower().endswith(".csv"):
+        return out, out[:-4] + ".md"
+    return os.path.join(out, f"{stem}.csv"), os.path.join(out, f"{stem}.md")
+
+
 def _ms(r: Result | None) -> str:
     if r is None:
         return "-"
@@ -243,9 +177,7 @@ def _x(num: Result | None, den: Result | None) -> str:
 
 
 def _peers(results: Sequence[Result]) -> list[str]:
-    """The peers other than normlab present in ``results``, in the harness's order."""
-    from .harness import PEERS
-
+    """The peers other than normlab present in ``results``, in ``spec.PEERS``' order."""
     present = {r.peer for r in results}
     return [p for p in PEERS[1:] if p in present]
 
@@ -287,8 +219,6 @@ def targets(results: Sequence[Result]) -> list[str]:
     of 1K-64K elements at >= ``FWD_TARGET`` (fwd) and >= ``BWD_TARGET`` (bwd) of the copy
     bandwidth and ahead of torch.compile and Liger-Kernel; GroupNorm/InstanceNorm/BatchNorm
     ahead of torch eager in each layout. A cell where normlab or the peer is n/a is a miss."""
-    from .harness import CHANNEL_NORMS, ROW_NORMS
-
     cells = _by_cell(results)
     lo, hi = TARGET_ROWS
     rows = {c: p for c, p in cells.items()
