@@ -21,8 +21,8 @@ def _rows(centered: bool):
                                             "centered": centered}
 
 
-def _bn_call(f, x, arg, weight, bias, eps):
-    return f(x, None, None, weight, bias, True, 0.1, eps)
+def _bn_call(f, x, arg, weight, bias, eps, running_mean=None, running_var=None):
+    return f(x, running_mean, running_var, weight, bias, True, 0.1, eps)
 
 
 register(NormSpec(
@@ -35,7 +35,7 @@ register(NormSpec(
 register(NormSpec(
     "layer_norm", "LayerNorm", E.row_reduction, _rows(True), "rows",
     "normalized_shape", "normalized", True, 1e-5, F.layer_norm,
-    lambda f, x, arg, weight, bias, eps: f(x, arg, weight, bias, eps), TF.layer_norm,
+    lambda f, x, arg, weight, bias, eps, *running: f(x, arg, weight, bias, eps), TF.layer_norm,
     modules=((torch.nn.LayerNorm, nn.LayerNorm),), aliases=("LN", "layer"),
     residual_fn=F.add_layer_norm,
     summary="one statistic per leading index, over the trailing normalized_shape axes"))
@@ -50,13 +50,13 @@ register(NormSpec(
 register(NormSpec(
     "group_norm", "GroupNorm", E.group_reduction, lambda shape, groups: {"groups": groups},
     "channels", "num_groups", "channel", True,
-    1e-5, F.group_norm, lambda f, x, arg, weight, bias, eps: f(x, arg, weight, bias, eps),
+    1e-5, F.group_norm, lambda f, x, arg, weight, bias, eps, *running: f(x, arg, weight, bias, eps),
     TF.group_norm, modules=((torch.nn.GroupNorm, nn.GroupNorm),), aliases=("GN", "group"),
     summary="one statistic per (sample, group of channels), over the group and every position"))
 register(NormSpec(
     "rms_norm", "RMSNorm", E.row_reduction, _rows(False), "rows",
     "normalized_shape", "normalized", False, None, F.rms_norm,
-    lambda f, x, arg, weight, bias, eps: f(x, arg, weight, eps), TF.rms_norm,
+    lambda f, x, arg, weight, bias, eps, *running: f(x, arg, weight, eps), TF.rms_norm,
     modules=((torch.nn.RMSNorm, nn.RMSNorm),), aliases=("RMS", "rms"),
     residual_fn=F.add_rms_norm, bytes=(2, 3, 1),
     summary="one mean square per leading index (no centering), over the trailing axes"))

@@ -51,8 +51,9 @@ class NormSpec:
         bias: whether the norm has a bias (:math:`\beta`).
         eps: the default eps (None: the compute dtype's machine epsilon, as RMSNorm's).
         fn: normlab's function; ``call(fn, ...)`` calls it.
-        call: ``call(fn, x, arg, weight, bias, eps)`` calls a function of the norm's signature
-            in training mode (``fn`` normlab's or torch's).
+        call: ``call(fn, x, arg, weight, bias, eps[, running_mean, running_var])`` calls a
+            function of the norm's signature in training mode (``fn`` normlab's or torch's;
+            the running statistics, for the norms that keep them, are updated).
         torch_fn: torch's function of the same signature, or None.
         oracle: a float64 formula in plain torch ops, ``oracle(x, arg, weight, bias, eps)``,
             the conformance tests' reference when there is no ``torch_fn``.
@@ -315,7 +316,7 @@ def declare(name: str, title: str, engine: Callable[..., E.Reduction],
                  weight_init=weight_init, where=where, doc=module_doc)
     rows = input == "rows"
 
-    def call(f, x, arg, weight, bias_, eps_):
+    def call(f, x, arg, weight, bias_, eps_, *running):
         kw = {"bias": bias_} if bias else {}
         return f(x, *((arg,) if rows else ()), weight=weight, eps=eps_, **kw)
 

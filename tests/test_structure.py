@@ -1,7 +1,7 @@
-"""The layout of ``normlab.bench``: its modules import one another one way (no cycle, counting
-imports inside functions and under ``TYPE_CHECKING``), in the order that
-``normlab/bench/__init__.py``'s docstring describes, and no module is over 600 lines. Read from
-the source with ``ast``."""
+"""The layout of the package, read from the source with ``ast``: no file of ``normlab`` over
+600 lines; no import cycle among its modules at import time; and ``normlab.bench``'s modules
+import one another one way (no cycle, counting imports inside functions and under
+``TYPE_CHECKING``), in the order that ``normlab/bench/__init__.py``'s docstring describes."""
 import ast
 import pathlib
 
@@ -13,7 +13,7 @@ BENCH = pathlib.Path(normlab.__file__).parent / "bench"
 PACKAGE = "normlab.bench"
 # each module may import only the ones before it (__init__ imports them, none imports it)
 ORDER = ("progress", "env", "spec", "peers", "timing", "runner", "report", "dispatch", "models",
-         "models_harness", "models_report", "harness", "cli")
+         "models_harness", "models_report", "cli")
 MAX_LINES = 600
 
 
@@ -110,5 +110,54 @@ def test_each_module_imports_only_earlier_ones(module):
 
 def test_no_bench_module_is_over_600_lines():
     long = {p.name: n for p in BENCH.glob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+ROOT = pathlib.Path(normlab.__file__).parent
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_time_edges() -> dict[str, set[str]]:
+    """normlab module -> the normlab modules it imports at import time (module level, not
+    inside functions; ``from X import name`` counts X, and X.name when that is a module)."""
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    edges = {}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        out = set()
+        for node in ast.parse(path.read_text(), str(path)).body:
+            for n in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+                if isinstance(n, ast.Import):
+                    out |= {a.name for a in n.names}
+                elif isinstance(n, ast.ImportFrom):
+                    base = n.module or ""
+                    if n.level:
+                        up = package.split(".")[:len(package.split(".")) - n.level + 1]
+                        base = ".".join(up + ([n.module] if n.module else []))
+                    out |= {base} | {f"{base}.{a.name}" for a in n.names}
+        edges[mod] = {m for m in out if m in files and m != mod}
+    return edges
+
+
+def test_no_import_cycle_in_normlab():
+    """A module that imports a package imports its ``__init__``, which may import it back:
+    only modules (not package ``__init__``s re-exporting their own parts) form a cycle."""
+    edges = import_time_edges()
+    packages = {m for m in edges if (ROOT.parent / m.replace(".", "/") / "__init__.py").exists()}
+    plain = {m: {d for d in deps if d not in packages or not m.startswith(d + ".")}
+             for m, deps in edges.items()}
+    for pkg in packages:  # a package's __init__ importing its own submodules is no cycle
+        plain[pkg] = {d for d in plain[pkg] if not d.startswith(pkg + ".")}
+    found = cycle(plain)
+    assert found is None, "import cycle: " + " -> ".join(found)
+
+
+def test_no_normlab_file_is_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long

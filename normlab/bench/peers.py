@@ -16,25 +16,27 @@ import torch
 import torch.nn.functional as TF
 
 import normlab.functional as NF
+from normlab import registry
 
 from .env import _default_backend, liger_kernel
-from .spec import ROW_NORMS, ROW_ONLY_PEERS, Cell, Config
+from .spec import NORMS, ROW_NORMS, ROW_ONLY_PEERS, Cell, Config
 
 EPS = 1e-5
 MOMENTUM = 0.1
 
 
 def _norm_fns(F) -> dict[str, Callable]:
-    """The five calls on the functional module ``F``, one signature ``(x, w, b, rm, rv, g)``."""
-    return {
-        "batch_norm": lambda x, w, b, rm, rv, g: F.batch_norm(
-            x, rm, rv, w, b, True, MOMENTUM, EPS),
-        "instance_norm": lambda x, w, b, rm, rv, g: F.instance_norm(
-            x, None, None, w, b, True, MOMENTUM, EPS),
-        "group_norm": lambda x, w, b, rm, rv, g: F.group_norm(x, g, w, b, EPS),
-        "layer_norm": lambda x, w, b, rm, rv, g: F.layer_norm(x, x.shape[-1:], w, b, EPS),
-        "rms_norm": lambda x, w, b, rm, rv, g: F.rms_norm(x, x.shape[-1:], w, EPS),
-    }
+    """The benchmarked norms' training-mode calls on the functional module ``F`` (normlab's or
+    torch's), one signature ``(x, w, b, rm, rv, g)``: running statistics where the norm keeps
+    them and the cell has them (BatchNorm), ``g`` groups, rows normalized over the last axis
+    (each norm's ``call`` in :mod:`normlab.registry`)."""
+    def fn(spec):
+        f = getattr(F, spec.name)
+        if spec.input == "rows":
+            return lambda x, w, b, rm, rv, g: spec.call(f, x, x.shape[-1:], w, b, EPS)
+        return lambda x, w, b, rm, rv, g: spec.call(f, x, g, w, b, EPS, rm, rv)
+
+    return {name: fn(registry.get(name)) for name in NORMS}
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,7 @@ import torch.nn.functional as TF
 import normlab
 from normlab._dispatch import synchronous_warmup
 import normlab.functional as NF
+from normlab import registry
 
 from .env import device_name, versions
 from .peers import PEER_FACTORIES, _norm_fns, _reason, applies
@@ -60,7 +61,7 @@ def _inputs(cell: Cell, seed: int = 0, device: str = "cpu") -> _Inputs:
         dy = dy.contiguous(memory_format=torch.channels_last)
     c = cell.params
     w = (1 + 0.1 * torch.randn(c, generator=g, device=device)).to(dtype)
-    b = (None if cell.norm == "rms_norm"
+    b = (None if not registry.get(cell.norm).bias
          else (0.1 * torch.randn(c, generator=g, device=device)).to(dtype))
     rm = rv = None
     if cell.norm == "batch_norm":

@@ -2,8 +2,8 @@
 and presets), :class:`Cell`, :class:`Config` and :class:`Result`, and the minimal-bytes model a
 cell's GB/s is judged by.
 
-Minimal bytes (``shared/design/architecture.md``), with ``s`` the element size, per element of
-x: a forward pass reads x and writes y, 2s (BatchNorm in training 3s: a statistics pass, then a
+Minimal bytes (each norm's ``bytes`` in :mod:`normlab.registry`), with ``s`` the element size,
+per element of x: a forward pass reads x and writes y, 2s (BatchNorm in training 3s: a statistics pass, then a
 normalize pass); a backward pass reads x and dy and writes dx, 3s (BatchNorm 5s). Per element of
 the affine parameters (C or D of them): the forward reads weight and bias (RMSNorm: weight;
 BatchNorm also reads and writes the running mean and variance), the backward reads weight and
@@ -20,11 +20,15 @@ from typing import Sequence
 import torch
 
 import normlab
+from normlab import registry
 
 from .env import liger_kernel
 
-CHANNEL_NORMS = ("batch_norm", "instance_norm", "group_norm")  # (N, C, H, W) inputs
-ROW_NORMS = ("layer_norm", "rms_norm")  # (M, D) rows, normalized over D
+# the norms torch has too (the peers time torch's), from the registry
+CHANNEL_NORMS = tuple(s.name for s in registry.norms(torch_only=True)
+                      if s.input == "channels")  # (N, C, H, W) inputs
+ROW_NORMS = tuple(s.name for s in registry.norms(torch_only=True)
+                  if s.input == "rows")  # (M, D) rows, normalized over D
 NORMS = CHANNEL_NORMS + ROW_NORMS
 LAYOUTS = ("nchw", "channels_last")  # of the channel norms; the row norms' layout is "rows"
 # fwd: forward under no_grad; bwd: backward alone (one forward's graph retained);
@@ -59,11 +63,6 @@ PRESETS = {
 }
 PRESETS["all"] = PRESETS["llm"] + PRESETS["cnn"]
 
-_FWD = {"batch_norm": 3}  # bytes per element of x, in element sizes; others 2
-_BWD = {"batch_norm": 5}  # others 3
-_FWD_PARAMS = {"rms_norm": 1, "batch_norm": 6}  # per parameter element; others 2 (weight, bias)
-_BWD_PARAMS = {"rms_norm": 2}  # read weight, write its gradient (and bias's); others 3
-
 
 def minimal_bytes(norm: str, pass_: str, numel: int, element_size: int, params: int = 0) -> int:
     """Bytes a ``pass_`` ("fwd", "bwd" or "fwd+bwd") of ``norm`` must move over ``numel``
@@ -78,11 +77,13 @@ def minimal_bytes(norm: str, pass_: str, numel: int, element_size: int, params: 
     """
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"unknown pass {pass_!r}; known passes: fwd, bwd, fwd+bwd")
+    spec = registry.get(norm)
+    fwd, bwd, fwd_param = spec.bytes
     per, per_param = 0, 0
     if pass_ != "bwd":
-        per, per_param = _FWD.get(norm, 2), _FWD_PARAMS.get(norm, 2)
-    if pass_ != "fwd":
-        per, per_param = per + _BWD.get(norm, 3), per_param + _BWD_PARAMS.get(norm, 3)
+        per, per_param = fwd, fwd_param
+    if pass_ != "fwd":  # read weight, write its gradient (and the bias's)
+        per, per_param = per + bwd, per_param + 2 + spec.bias
     return (per * numel + per_param * params) * element_size
 
 

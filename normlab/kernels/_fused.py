@@ -30,6 +30,7 @@ import torch
 from .. import _engine as E
 from . import _plan
 from .reference import BACKEND as _REFERENCE
+from .reference import normalize_given
 
 
 def reference_forward(x, weight, bias, mean, var, normalized_ndim, groups, centered, eps):
@@ -38,9 +39,7 @@ def reference_forward(x, weight, bias, mean, var, normalized_ndim, groups, cente
     red = _plan.reduction(x.shape, normalized_ndim, groups, centered)
     if mean is None:
         return E.normalize(x, red, weight, bias, eps=eps)[0]
-    per = E.per_channel(x.shape)
-    return E.normalize(x, red, weight, bias, eps=eps, mean=mean.reshape(per),
-                       var=var.reshape(per))[0]
+    return normalize_given(x, red, weight, bias, eps, mean, var)
 
 
 class Ops:

@@ -6,7 +6,6 @@ the oracle the fast backends are tested against.
 """
 from __future__ import annotations
 
-
 from .. import _engine as E
 
 
@@ -16,12 +15,7 @@ class ReferenceBackend:
     def batch_norm(self, x, running_mean, running_var, weight, bias, training, momentum, eps):
         red = E.batch_reduction(x.shape)
         if not training:
-            stats = E.per_channel(x.shape)
-            y, _, _ = E.normalize(
-                x, red, weight, bias, eps=eps,
-                mean=running_mean.reshape(stats), var=running_var.reshape(stats),
-            )
-            return y
+            return normalize_given(x, red, weight, bias, eps, running_mean, running_var)
         y, mean, var = E.normalize(x, red, weight, bias, eps=eps)
         E.update_running_stats(running_mean, running_var, mean, var, red.count, momentum)
         return y
@@ -31,12 +25,7 @@ class ReferenceBackend:
     ):
         red = E.instance_reduction(x.shape)
         if not use_input_stats:
-            stats = E.per_channel(x.shape)
-            y, _, _ = E.normalize(
-                x, red, weight, bias, eps=eps,
-                mean=running_mean.reshape(stats), var=running_var.reshape(stats),
-            )
-            return y
+            return normalize_given(x, red, weight, bias, eps, running_mean, running_var)
         y, mean, var = E.normalize(x, red, weight, bias, eps=eps)
         if x.shape[0] > 0:
             # torch's convention: the running statistics move towards the batch average of the
@@ -70,6 +59,13 @@ class ReferenceBackend:
     def normalize(self, x, red, weight, bias, eps):
         """Any other registered norm (:mod:`normlab.registry`): the engine on its reduction."""
         return E.normalize(x, red, weight, bias, eps=eps)[0]
+
+
+def normalize_given(x, red, weight, bias, eps, running_mean, running_var):
+    """x normalized by given per-channel statistics (BatchNorm and InstanceNorm in eval)."""
+    per = E.per_channel(x.shape)
+    return E.normalize(x, red, weight, bias, eps=eps, mean=running_mean.reshape(per),
+                       var=running_var.reshape(per))[0]
 
 
 BACKEND = ReferenceBackend()

@@ -34,7 +34,7 @@ DESCRIPTION = (
     "noise; the 1-minute load average is recorded with each measurement.</p>"
 )
 
-NORMS = {  # our name -> the harness's
+NORMS = {  # our name -> the bench's
     "LayerNorm": "layer_norm", "RMSNorm": "rms_norm", "BatchNorm": "batch_norm",
     "GroupNorm": "group_norm", "InstanceNorm": "instance_norm",
 }
