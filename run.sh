@@ -27,7 +27,8 @@ cmd=${1:-}
 case "$cmd" in
     lab) install; exec "$PY" -m normlab lab --quick "$@" ;;
     demo) install; exec "$PY" -m normlab demo "$@" ;;
-    # one pytest worker per core (pytest-xdist): 4-5 minutes on 2 cores instead of 10+
-    test) install; exec "$PY" -m pytest -n auto --doctest-modules normlab tests "$@" ;;
+    # tests/ and the doctests of normlab (testpaths, --doctest-modules: pyproject.toml), one
+    # pytest worker per core (pytest-xdist): 4-5 minutes on 2 cores instead of 10+
+    test) install; exec "$PY" -m pytest -n auto "$@" ;;
     *) echo "usage: ./run.sh lab [normlab lab args] | test [pytest args] | demo" >&2; exit 2 ;;
 esac

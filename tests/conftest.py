@@ -1,15 +1,9 @@
-"""Shared test settings: one hypothesis profile, bounded so the suite stays quick on 2 cores."""
+"""Shared test settings: one hypothesis profile, bounded so the suite stays quick on 2 cores.
+The environment normlab reads at import (``TRITON_INTERPRET`` without a GPU, no background
+warm-up) is set by the checkout's top-level ``conftest.py``, loaded before this one."""
 import os
 
 import torch
-
-# Without a GPU, the Triton kernels run in Triton's CPU interpreter on CPU tensors. The variable
-# is read when a kernel is decorated, so it is set before any normlab Triton module is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-# auto prepares the cpu kernels in the background (ATen computing meanwhile) unless told not to:
-# the tests need calls whose path does not depend on timing (tests/test_warmup.py turns it on)
-os.environ.setdefault("NORMLAB_BACKGROUND_WARMUP", "0")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

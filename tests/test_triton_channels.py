@@ -9,7 +9,7 @@ transposed (N, L, C)-dense, 5-D both ways, (N, C) inputs; float32/bfloat16/float
 odd sizes; tiny tiles so every loop and the split (partials + combine) path run; inputs at
 1e4 + N(0, 1); bitwise determinism; outputs in x's memory layout; dy in another layout;
 need_dx=False; empty inputs. Runs on CUDA when there is one, else in Triton's interpreter
-(``tests/conftest.py`` sets ``TRITON_INTERPRET=1``), on small shapes.
+(the top-level ``conftest.py`` sets ``TRITON_INTERPRET=1``), on small shapes.
 """
 from __future__ import annotations
 

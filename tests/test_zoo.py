@@ -8,6 +8,7 @@ BatchNorm, ...) are checked against torch's own modules.
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -497,6 +498,22 @@ def test_state_dict_round_trip(name):
     b.eval()
     x = data(*shape, seed=4).float()
     close(b(x), a(x), torch.float32)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES) + ["AdaIN"])
+def test_whole_module_pickles(name):
+    """pickle finds each class by its module and name, and the copy computes what the original
+    does."""
+    make, shape = FACTORIES.get(name, (lambda: AdaIN(), (2, 3, 4)))
+    a = randomize(make())
+    inputs = (data(*shape).float(),) * (2 if name == "AdaIN" else 1)
+    a(*inputs)  # moves running statistics
+    a.eval()
+    b = pickle.loads(pickle.dumps(a))
+    assert type(b) is type(a) and b.state_dict().keys() == a.state_dict().keys()
+    x = data(*shape, seed=4).float()
+    xs = (x, data(*shape, seed=5).float()) if name == "AdaIN" else (x,)
+    close(b(*xs), a(*xs), torch.float32)
 
 
 @pytest.mark.parametrize("name", sorted(set(FACTORIES) - {"WSConv2d"}))
