@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # auto prepares the cpu kernels in the background (ATen computing meanwhile) unless told not to:
-# the tests need calls whose path does not depend on timing (tests/test_warmup.py turns it on)
+# the tests need calls whose path does not depend on timing (tests/test_auto.py turns it on)
 os.environ.setdefault("NORMLAB_BACKGROUND_WARMUP", "0")
 
 # Doctest collection imports every module of the package: leave out those that cannot be

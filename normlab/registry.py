@@ -165,8 +165,11 @@ def get(name: str) -> NormSpec:
 
 
 def norms(*, torch_only: bool = False) -> Iterator[NormSpec]:
-    """Every registered norm, in registration order (``torch_only``: those torch has too)."""
-    return iter([s for s in _NORMS.values() if s.torch_fn is not None or not torch_only])
+    """Every registered norm: torch's five first (BatchNorm, LayerNorm, InstanceNorm,
+    GroupNorm, RMSNorm: the GroupNorm paper's figure, then RMSNorm), then the others in
+    registration order (``torch_only``: torch's alone)."""
+    specs = sorted(_NORMS.values(), key=lambda s: s.torch_fn is None)  # (a stable sort)
+    return iter([s for s in specs if s.torch_fn is not None or not torch_only])
 
 
 def names(*, torch_only: bool = False) -> tuple[str, ...]:
