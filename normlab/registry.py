@@ -160,7 +160,7 @@ def get(name: str) -> NormSpec:
     """
     spec = _BY_KEY.get(_key(name)) if isinstance(name, str) else None
     if spec is None:
-        raise ValueError(f"unknown norm {name!r}; known: {', '.join(_NORMS)}")
+        raise ValueError(f"unknown norm {name!r}; known: {', '.join(names())}")
     return spec
 
 

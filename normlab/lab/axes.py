@@ -199,7 +199,8 @@ def _png(names: tuple[str, ...], shape: tuple[int, ...]) -> bytes:
         ax.set_title(d.norm.title, fontsize=13)
         caption = d.words().replace(", over", ",\nover")
         if not d.reduction.centered:
-            caption += "\n(mean square: no centering)"
+            moment = "mean square" if d.reduction.averaged else "L2 norm"
+            caption += f"\n({moment}: no centering)"
         ax.text(0.5, -0.02, caption, transform=ax.transAxes, ha="center", va="top", fontsize=8.5)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

@@ -54,10 +54,11 @@ class Example:
     reduction: E.Reduction
     labels: torch.Tensor  # the statistic each element shares (axes.stat_labels)
     mean: torch.Tensor | None  # one per statistic (None: not centered)
-    var: torch.Tensor  # one per statistic: biased variance, or the mean square
+    var: torch.Tensor  # one per statistic: biased variance, or the mean square (or sum)
     eps: float
     y: torch.Tensor  # the engine's output
     torch_y: torch.Tensor  # torch.nn's module on the same input
+    weight: torch.Tensor | None = None  # the module's, where it does not start at ones
 
     @property
     def max_diff(self) -> float:
@@ -72,7 +73,8 @@ def _case(norm: axes.Norm) -> _Case:
         return case
     cls = norm.spec.classes[0]
     if norm.spec.input == "rows":
-        return _Case("3 rows of 3 features", ("N", "D"), False, lambda: cls(3), f"{cls.__name__}(3)")
+        return _Case("3 rows of 3 features", ("N", "D"), False, lambda: cls(3),
+                     f"{cls.__name__}(3)")
     return _Case("a batch of 3 samples (rows) of 3 channels (columns)", ("N", "C"), False,
                  lambda: cls(3), f"{cls.__name__}(3)")
 
@@ -87,12 +89,14 @@ def worked_example(name: str) -> Example:
     module = case.module()
     eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
     red = norm.reduction(tuple(x.shape), case.groups)
+    w = getattr(module, "weight", None)
+    w = None if w is None or bool((w == 1).all()) else w.detach()
     with torch.no_grad():
-        y, mean, var = E.normalize(x, red, eps=eps)
+        y, mean, var = E.normalize(x, red, w, eps=eps)
         torch_y = module(x)
     flat = lambda t: None if t is None else t.reshape(-1)
     return Example(norm, x, red, axes.stat_labels(red, tuple(x.shape)), flat(mean), flat(var),
-                   float(eps), y, torch_y)
+                   float(eps), y, torch_y, w)
 
 
 def _view_axes(names: tuple[str, ...], shape: tuple[int, ...], view: tuple[int, ...]):
@@ -118,14 +122,19 @@ def _spec_lines(red: E.Reduction, names: tuple[str, ...], shape: tuple[int, ...]
     rows = [
         ("view", red.view, f"the input viewed as ({', '.join(n for n, _ in axes_)})"),
         ("dims", red.dims, f"reduced for one statistic: {along(red.dims)}"),
-        ("affine", red.affine, "the affine parameters' view: one per "
-         f"({', '.join(names[a] for a in per_param)})"),
+        ("affine", red.affine, "the affine parameters' view: " + (
+            f"one per ({', '.join(names[a] for a in per_param)})" if per_param
+            else "one value in all")),
         ("centered", red.centered, "the mean is subtracted" if red.centered
-         else "no mean: the statistic is the mean square"),
+         else f"no mean: the statistic is the {_second_moment(red)}"),
         ("count", red.count, f"elements share one statistic; {n_stats} statistic"
          + "s" * (n_stats != 1)),
     ]
     return [f"  {k:<9s} {str(v):<18s} {text}" for k, v, text in rows]
+
+
+def _second_moment(red: E.Reduction) -> str:
+    return "mean square" if red.averaged else "sum of squares"
 
 
 def _fmt(v: float) -> str:
@@ -156,17 +165,23 @@ def explain(norm: str, out_dir: str | Path = ".") -> str:
     lines += [f"Worked example: x = [[1, 2, 3], [4, 5, 6], [7, 8, 9]] read as {case.reads_as}",
               f"  normlab._engine.{nm.call(shape, case.groups)}",
               *_spec_lines(ex.reduction, case.names, shape)]
-    centered = ex.reduction.centered
+    red = ex.reduction
+    centered, moment = red.centered, _second_moment(red)
     for k in range(ex.var.numel()):
         members = ex.x.reshape(-1)[ex.labels.reshape(-1) == k].tolist()
         stat = (f"mean {_fmt(ex.mean[k].item())}, variance {_fmt(ex.var[k].item())}" if centered
-                else f"mean square {_fmt(ex.var[k].item())}")
+                else f"{moment} {_fmt(ex.var[k].item())}")
         lines.append(f"  statistics set {k + 1}: {{{', '.join(_fmt(v) for v in members)}}}: "
                      f"{stat}")
-    formula = "(x - mean) / sqrt(variance + eps)" if centered else "x / sqrt(mean square + eps)"
+    formula = ("(x - mean) / " if centered else "x / ") + (
+        f"max(sqrt({'variance' if centered else moment}), eps)" if red.clamp_eps
+        else f"sqrt({'variance' if centered else moment} + eps)")
+    if ex.weight is not None:
+        formula += f" * weight {_fmt(ex.weight.item())}" if ex.weight.numel() == 1 else \
+            " * weight"
+    peer = ("torch.nn.", "torch") if nm.spec.torch_fn else ("normlab.nn.", "module")
     lines += [f"  output {formula}, eps = {ex.eps:.3g}:", *_matrix(ex.y),
-              f"  {'torch.nn.' if nm.spec.torch_fn else 'normlab.nn.'}{case.module_text} gives "
-              f"the same: max |engine - torch| = "
+              f"  {peer[0]}{case.module_text} gives the same: max |engine - {peer[1]}| = "
               f"{ex.max_diff:.1e}" + ("" if ex.max_diff < 1e-6 else "  (MISMATCH)"), ""]
 
     path = axes.draw(Path(out_dir) / f"axes-{nm.key}.png", names=(nm.key,))
