@@ -6,7 +6,7 @@ are LayerNorm and RMSNorm with a residual add fused in: ``forward(input, residua
 padded sequences: ``forward(input, mask)``. ``SyncBatchNorm`` is BatchNorm over the global batch
 of a ``torch.distributed`` process group (gloo on CPU, nccl on GPU). The zoo beyond torch's five (:mod:`.zoo`):
 ``LayerNorm2d``, ``BatchRenorm1d/2d``, ``GhostBatchNorm1d/2d``, ``WSConv2d``,
-``FilterResponseNorm2d`` with ``TLU``, ``DyT``, ``AdaIN`` and ``PartialRMSNorm``."""
+``FilterResponseNorm2d`` with ``TLU``, ``DyT``, ``AdaIN``, ``PartialRMSNorm`` and ``ScaleNorm``."""
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .masked import MaskedBatchNorm1d
@@ -14,7 +14,8 @@ from .normalization import AddLayerNorm, AddRMSNorm, GroupNorm, LayerNorm, RMSNo
 from .sync import SyncBatchNorm
 from .zoo import (
     TLU, AdaIN, BatchRenorm1d, BatchRenorm2d, DyT, FilterResponseNorm2d, GhostBatchNorm1d,
-    GhostBatchNorm2d, LayerNorm2d, PartialRMSNorm, WSConv2d, adaptive_instance_norm,
+    GhostBatchNorm2d, LayerNorm2d, PartialRMSNorm, ScaleNorm, WSConv2d, adaptive_instance_norm,
+    scale_norm,
 )
 
 __all__ = [
@@ -23,5 +24,5 @@ __all__ = [
     "GroupNorm", "LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm", "MaskedBatchNorm1d",
     "LayerNorm2d", "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d",
     "WSConv2d", "FilterResponseNorm2d", "TLU", "DyT", "AdaIN", "adaptive_instance_norm",
-    "PartialRMSNorm",
+    "PartialRMSNorm", "ScaleNorm", "scale_norm",
 ]

@@ -11,6 +11,7 @@ FilterResponseNorm2d     mean square per (n, c), over (H, W)              ``rms_
 TLU, DyT                 none (element-wise)                              torch
 AdaIN                    per (n, c) of content and of style               ``instance_norm``
 PartialRMSNorm           mean square of the first ceil(p d) elements      ``rms_norm`` / engine
+ScaleNorm                L2 norm per row, over the trailing axes          the registry (engine)
 =======================  ===============================================  =====================
 
 Every module checks its input and says what to do about a mistake; statistics follow the
@@ -31,6 +32,7 @@ module                         holds
 ``dynamic_tanh``               DyT
 ``adain``                      adaptive_instance_norm, AdaIN
 ``partial_rms_norm``           PartialRMSNorm
+``scale_norm``                 ScaleNorm, scale_norm (a :mod:`normlab.registry` norm)
 =============================  ==============================================
 """
 from .adain import AdaIN, adaptive_instance_norm
@@ -40,10 +42,11 @@ from .filter_response_norm import TLU, FilterResponseNorm2d
 from .ghost_batch_norm import GhostBatchNorm1d, GhostBatchNorm2d
 from .layer_norm2d import LayerNorm2d
 from .partial_rms_norm import PartialRMSNorm
+from .scale_norm import ScaleNorm, scale_norm
 from .weight_standardization import WSConv2d
 
 __all__ = [
     "LayerNorm2d", "BatchRenorm1d", "BatchRenorm2d", "GhostBatchNorm1d", "GhostBatchNorm2d",
     "WSConv2d", "FilterResponseNorm2d", "TLU", "DyT", "AdaIN", "adaptive_instance_norm",
-    "PartialRMSNorm",
+    "PartialRMSNorm", "ScaleNorm", "scale_norm",
 ]
