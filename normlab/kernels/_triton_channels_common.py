@@ -7,8 +7,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 import triton
 import triton.language as tl
+
+from .._engine import compute_dtype as acc_dtype  # noqa: F401  (the statistics dtype)
 
 
 @dataclass
@@ -36,10 +39,6 @@ def program_count(t: Tuning, x: torch.Tensor) -> int:
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return 4 * _SMS[index]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def spatial(x: torch.Tensor) -> int:

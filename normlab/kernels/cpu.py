@@ -21,10 +21,10 @@ output shapes, strides and dtypes) and ``torch.library.opcheck`` passes:
     statistics), :math:`d\gamma = \sum dy\,\hat x`, :math:`d\beta = \sum dy`; ``dh`` (or None)
     is a gradient reaching ``x`` directly (the add variant's residual output), added to dx.
 
-Layouts: contiguous inputs run as rows (LayerNorm, RMSNorm, and GroupNorm/InstanceNorm whose
-(sample, group) blocks are contiguous) or as ``(N, C, L)`` (BatchNorm); channels-last inputs
-(any input whose ``movedim(1, -1)`` is contiguous, e.g. ``channels_last`` 4-D or a transposed
-``(N, L, C)`` sequence) run as ``(P, R, C)`` without a copy and give channels-last outputs.
+Layouts (a :class:`~._plan.Plan`'s ``layout``): contiguous inputs run as rows (LayerNorm,
+RMSNorm, and GroupNorm/InstanceNorm whose (sample, group) blocks are contiguous) or as
+``(N, C, L)`` (BatchNorm); channels-last inputs (any input whose ``movedim(1, -1)`` is
+contiguous, e.g. ``channels_last`` 4-D or a transposed ``(N, L, C)`` sequence) run as ``(P, R, C)`` without a copy and give channels-last outputs.
 Other strides are copied to contiguous first. bfloat16 and float16 inputs are read and written
 in place in every layout by the ``*_16`` kernels (their bit patterns: bfloat16 as uint16,
 float16 as int16), widened to float32 a cache-resident slice at a time; statistics, parameters
