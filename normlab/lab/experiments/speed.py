@@ -1,6 +1,6 @@
 """How fast each norm is, forward and backward, with normlab's default kernels and with torch's:
 RMSNorm against LayerNorm (Zhang & Sennrich 2019) and normlab against torch eager, timed with
-the interleaved round-robin loop of ``normlab bench`` (:mod:`normlab.bench.harness`)."""
+the interleaved round-robin loop of ``normlab bench`` (:mod:`normlab.bench.runner`)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as TF
 
 import normlab.functional as NF
-from ...bench import harness
+from ...bench import peers, runner, spec
 from ..api import Context, claim, figure
 
 NAME = "speed"
@@ -52,27 +52,27 @@ def _settings(ctx: Context) -> dict:
     }
 
 
-def _shape_key(cell: harness.Cell) -> str:
+def _shape_key(cell: spec.Cell) -> str:
     return cell.shape_str if cell.layout == "rows" else f"{cell.shape_str} {cell.layout}"
 
 
-def _first_call(cell: harness.Cell) -> dict[str, float]:
+def _first_call(cell: spec.Cell) -> dict[str, float]:
     """Seconds of each implementation's first call on this cell in this process (normlab's
     includes Numba compiling or loading the kernel, the first time a kernel is used)."""
-    t = harness._inputs(cell, seed=1)
+    t = runner._inputs(cell, seed=1)
     out = {}
     for impl, F in (("normlab", NF), ("torch", TF)):
-        step = harness._step(harness._norm_fns(F)[cell.norm], cell, t)
+        step = runner._step(peers._norm_fns(F)[cell.norm], cell, t)
         t0 = time.perf_counter()
         step()
         out[impl] = time.perf_counter() - t0
     return out
 
 
-def measure(cell: harness.Cell, config: harness.Config) -> dict:
+def measure(cell: spec.Cell, config: spec.Config) -> dict:
     """One cell: first calls, then both implementations timed round-robin (JSON-able)."""
     first = _first_call(cell)
-    results = harness.time_cell(cell, config, copy_gbps=math.nan)
+    results = runner.time_cell(cell, config, copy_gbps=math.nan)
     out = {"first_call_s": first, "threads": torch.get_num_threads(),
            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     for r in results:
@@ -86,7 +86,7 @@ def measure(cell: harness.Cell, config: harness.Config) -> dict:
 
 def run(ctx: Context) -> dict:
     s = _settings(ctx)
-    config = harness.Config(norms=tuple(NORMS.values()), layouts=harness.LAYOUTS,
+    config = spec.Config(norms=tuple(NORMS.values()), layouts=spec.LAYOUTS,
                             dtypes=("float32",), shapes=tuple(s["rows"]) + tuple(s["images"]),
                             passes=("fwd+bwd",), rounds=s["rounds"], compile=False,
                             progress=False)
