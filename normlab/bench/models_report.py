@@ -6,8 +6,6 @@ faster than torch eager). ``norm %`` is the torch eager model's share of time in
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from typing import Sequence
@@ -17,7 +15,7 @@ import torch
 from .env import machine
 from .models import MODELS
 from .models_harness import LR, PEERS, ModelResult
-from .report import _listing, geomean
+from .report import _listing, geomean, write_csv
 
 CSV_FIELDS = (
     "model", "layout", "mode", "batch", "input", "peer", "impl", "ms", "ms_min", "rounds",
@@ -69,13 +67,11 @@ def to_csv(results: Sequence[ModelResult], path: str | os.PathLike | None = None
     """One row per case and peer (``CSV_FIELDS``); written to ``path`` when given, returned.
     ``speedup`` is torch eager's ms / this peer's ms on the same case."""
     cases = _by_case(results)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
+    rows = []
     for r in results:
         c = r.case
         eager = cases[c].get("torch")
-        w.writerow({
+        rows.append({
             "model": c.model, "layout": c.layout, "mode": c.mode, "batch": c.batch,
             "input": c.input_str, "peer": r.peer, "impl": r.impl, "ms": f"{r.ms:.6g}",
             "ms_min": f"{r.ms_min:.6g}", "rounds": r.rounds, "reps": r.reps,
@@ -88,11 +84,7 @@ def to_csv(results: Sequence[ModelResult], path: str | os.PathLike | None = None
             "error": r.error or "", "device_name": r.device_name, "timing": r.timing,
             "versions": r.versions,
         })
-    text = buf.getvalue()
-    if path is not None:
-        with open(path, "w", newline="") as f:
-            f.write(text)
-    return text
+    return write_csv(CSV_FIELDS, rows, path)
 
 
 def _ms(r: ModelResult | None) -> str:

@@ -66,13 +66,11 @@ def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> 
     """One row per cell and peer (``CSV_FIELDS``); written to ``path`` when given, returned.
     ``normlab_speedup`` is this peer's time / normlab's time on the same cell."""
     cells = _by_cell(results)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
+    rows = []
     for r in results:
         c = r.cell
         ours = cells[c].get("normlab")
-        w.writerow({
+        rows.append({
             "norm": c.norm, "layout": c.layout, "dtype": c.dtype, "shape": c.shape_str,
             "groups": c.groups or "", "pass": c.pass_, "peer": r.peer, "impl": r.impl,
             "ms": f"{r.ms:.6g}", "ms_min": f"{r.ms_min:.6g}", "rounds": r.rounds,
@@ -85,6 +83,18 @@ def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> 
             "device": r.device, "device_name": r.device_name, "timing": r.timing,
             "copy_mib": r.copy_mib or "", "versions": r.versions,
         })
+    return write_csv(CSV_FIELDS, rows, path)
+
+
+def write_csv(fields: Sequence[str], rows: Iterable[dict],
+              path: str | os.PathLike | None = None) -> str:
+    """``rows`` (dicts keyed by ``fields``) as CSV text under a header line, ``\\n`` line ends;
+    written to ``path`` when given, returned. The ``to_csv`` of the kernel and the model
+    benchmarks."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
     text = buf.getvalue()
     if path is not None:
         with open(path, "w", newline="") as f:
