@@ -10,20 +10,22 @@ from . import models as zoo
 from ..kernels import auto
 
 
-def _list(kind: str, known):
-    def parse(text: str):
+def _option(parse):
+    """``parse`` as an argparse ``type``: its ValueError's message is the usage error."""
+    def option(text: str):
         try:
-            return spec._names(kind, text, known)
+            return parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
+    return option
 
 
-def _shapes(text: str):
-    try:
-        return spec.parse_shapes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _list(kind: str, known):
+    return _option(lambda text: spec._names(kind, text, known))
+
+
+_shapes = _option(spec.parse_shapes)
+_model_names = _option(models_harness.model_names)
 
 
 def _positive(text: str) -> int:
@@ -44,13 +46,6 @@ def _seconds(text: str) -> float:
     if not n > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return n
-
-
-def _model_names(text: str):
-    try:
-        return models_harness.model_names(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
