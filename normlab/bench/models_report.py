@@ -15,7 +15,7 @@ import torch
 from .env import machine
 from .models import MODELS
 from .models_harness import LR, PEERS, ModelResult
-from .report import _listing, geomean, write_csv
+from .report import geomean, not_available, write_csv
 
 CSV_FIELDS = (
     "model", "layout", "mode", "batch", "input", "peer", "impl", "ms", "ms_min", "rounds",
@@ -181,17 +181,7 @@ def to_markdown(results: Sequence[ModelResult]) -> str:
         row.append(f"{ours.max_abs_diff:.2g}" if ours and ours.max_abs_diff is not None
                    else "-")
         lines.append("| " + " | ".join(row) + " |")
-    reasons: dict = {}  # error -> (peers, case labels), in order of appearance
-    for r in results:
-        if r.error:
-            peers_, labels = reasons.setdefault(r.error, ({}, {}))
-            peers_[r.peer] = labels[r.case.label] = None
-    if reasons:
-        lines += ["", "Not available (n/a):"]
-        for error, (peers_, labels) in reasons.items():
-            n = len(labels)
-            lines.append(f"- {', '.join(peers_)} on {n} case{'s' * (n > 1)}: {error}"
-                         f" ({_listing(list(labels), 4)})")
+    lines += not_available(results, "case")
     left = {}
     for r in results:
         if r.peer == "normlab" and r.unpatched:

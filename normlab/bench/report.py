@@ -224,6 +224,25 @@ def _listing(items: list[str], limit: int = 12) -> str:
     return "; ".join(items[:limit]) + more
 
 
+def not_available(results: Sequence, what: str) -> list[str]:
+    """A report's "Not available (n/a)" lines (none when nothing failed): each error once, in
+    order of appearance, with the peers it hit and how many ``what``s (``"cell"`` or ``"case"``,
+    the results' attribute of that name), naming up to four."""
+    reasons: dict = {}  # error -> (peers, labels), in order of appearance
+    for r in results:
+        if r.error:
+            peers, labels = reasons.setdefault(r.error, ({}, {}))
+            peers[r.peer] = labels[getattr(r, what).label] = None
+    if not reasons:
+        return []
+    lines = ["", "Not available (n/a):"]
+    for error, (peers, labels) in reasons.items():
+        n = len(labels)
+        lines.append(f"- {', '.join(peers)} on {n} {what}{'s' * (n > 1)}: {error}"
+                     f" ({_listing(list(labels), 4)})")
+    return lines
+
+
 def targets(results: Sequence[Result]) -> list[str]:
     """Issue 4's targets, judged on the normlab rows of ``results``: LayerNorm/RMSNorm on rows
     of 1K-64K elements at >= ``FWD_TARGET`` (fwd) and >= ``BWD_TARGET`` (bwd) of the copy
@@ -340,17 +359,7 @@ def to_markdown(results: Sequence[Result], copy_gbps: float | None = None,
             comp = got.get("compile")
             row.append(f"{comp.compile_s:.1f}" if comp and comp.compile_s is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
-    reasons: dict = {}  # error -> (peers, cell labels), in order of appearance
-    for r in results:
-        if r.error:
-            peers_, labels = reasons.setdefault(r.error, ({}, {}))
-            peers_[r.peer] = labels[r.cell.label] = None
-    if reasons:
-        lines += ["", "Not available (n/a):"]
-        for error, (peers_, labels) in reasons.items():
-            n = len(labels)
-            lines.append(f"- {', '.join(peers_)} on {n} cell{'s' * (n > 1)}: {error}"
-                         f" ({_listing(list(labels), 4)})")
+    lines += not_available(results, "cell")
     if "compile" in peers:
         total = sum(r.compile_s or 0 for r in results if r.peer == "compile")
         lines += ["", f"torch.compile: {total:.0f} s compiling in all (the first call per cell,"
