@@ -50,7 +50,7 @@ Modules, in import order: each imports only ones above it (``tests/test_structur
     env             probes: the CPU, versions, the device's name, Liger-Kernel
     spec            names, shapes, presets; Cell, Config, Result; the minimal-bytes model
     peers           the peers and how each calls a norm
-    timing          the clocks, the round-robin loop, the copy bandwidth
+    timing          the clocks, the round-robin loop, the copy bandwidth, the time budget
     runner          a cell's inputs and passes, time_cell, run
     report          CSV in and out, the markdown, the summary, issue 4's targets
     dispatch        --dispatch: the kernels against ATen, auto's table

@@ -10,20 +10,22 @@ from . import models as zoo
 from ..kernels import auto
 
 
-def _list(kind: str, known):
-    def parse(text: str):
+def _option(parse):
+    """``parse`` as an argparse ``type``: its ValueError's message is the usage error."""
+    def option(text: str):
         try:
-            return spec._names(kind, text, known)
+            return parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
+    return option
 
 
-def _shapes(text: str):
-    try:
-        return spec.parse_shapes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _list(kind: str, known):
+    return _option(lambda text: spec._names(kind, text, known))
+
+
+_shapes = _option(spec.parse_shapes)
+_model_names = _option(models_harness.model_names)
 
 
 def _positive(text: str) -> int:
@@ -44,13 +46,6 @@ def _seconds(text: str) -> float:
     if not n > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return n
-
-
-def _model_names(text: str):
-    try:
-        return models_harness.model_names(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,15 +197,21 @@ def model_config_from_args(args: argparse.Namespace) -> models_harness.ModelConf
         time_budget_s=args.time_budget, progress=args.progress)
 
 
-def models_main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    """``normlab bench --models``: run the cases, print the markdown, write ``--out``
-    (rewritten after every case)."""
+def _config(make, args: argparse.Namespace, parser: argparse.ArgumentParser | None):
+    """``make(args)``, a Config or ModelConfig; with a ``parser``, its ValueError or RuntimeError
+    (a bad option value, an unavailable backend) is the parser's usage error."""
     try:
-        config = model_config_from_args(args)
+        return make(args)
     except (ValueError, RuntimeError) as e:  # BackendUnavailableError is a RuntimeError
         if parser is None:
             raise
         parser.error(str(e))
+
+
+def models_main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """``normlab bench --models``: run the cases, print the markdown, write ``--out``
+    (rewritten after every case)."""
+    config = _config(model_config_from_args, args, parser)
     paths = report.out_paths(args.out, "models") if args.out else None
     on_case = (lambda done: _write(done, *paths, rep=models_report)) if paths else None
     results = models_harness.run(config, on_case=on_case)
@@ -263,12 +264,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
                 raise
             parser.error(f"--from-csv: {type(e).__name__}: {e}")
     else:
-        try:
-            config = config_from_args(args)
-        except (ValueError, RuntimeError) as e:  # BackendUnavailableError is a RuntimeError
-            if parser is None:
-                raise
-            parser.error(str(e))
+        config = _config(config_from_args, args, parser)
         on_cell = (lambda done: _write(done, *paths)) if paths else None
         results = runner.run(config, on_cell=on_cell)
     md = report.to_markdown(results)

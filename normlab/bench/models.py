@@ -349,21 +349,26 @@ def _hf_spec(name: str, summary: str) -> ModelSpec:
         _tokens_shape, (8, 2), ("tokens",), requires="transformers")
 
 
+def _resnet_spec(name: str, make: Callable[..., ResNet], summary: str,
+                 quick_summary: str) -> ModelSpec:
+    """A ResNet on 3x224x224 images and 1000 classes; quick: one block per stage, width 8,
+    3x32x32 and 10 classes."""
+    return ModelSpec(
+        name, "cnn", summary, quick_summary,
+        lambda quick, train: make(10, 8, (1, 1, 1, 1)) if quick else make(),
+        _image_inputs(3, 224, 32, (1000, 10)), _classify, _image_shape(3, 224, 32), (16, 2),
+        ("nchw", "channels_last"))
+
+
 MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(
-        "resnet18", "cnn", "torchvision ResNet-18 (BasicBlock [2, 2, 2, 2], 20 BatchNorm2d),"
+    "resnet18": _resnet_spec(
+        "resnet18", resnet18, "torchvision ResNet-18 (BasicBlock [2, 2, 2, 2], 20 BatchNorm2d),"
         " 1000 classes, 3x224x224 images",
-        "one BasicBlock per stage, widths 8-64, 10 classes, 3x32x32",
-        lambda quick, train: resnet18(10, 8, (1, 1, 1, 1)) if quick else resnet18(),
-        _image_inputs(3, 224, 32, (1000, 10)), _classify, _image_shape(3, 224, 32), (16, 2),
-        ("nchw", "channels_last")),
-    "resnet50": ModelSpec(
-        "resnet50", "cnn", "torchvision ResNet-50 (Bottleneck [3, 4, 6, 3], 53 BatchNorm2d),"
+        "one BasicBlock per stage, widths 8-64, 10 classes, 3x32x32"),
+    "resnet50": _resnet_spec(
+        "resnet50", resnet50, "torchvision ResNet-50 (Bottleneck [3, 4, 6, 3], 53 BatchNorm2d),"
         " 1000 classes, 3x224x224 images",
-        "one Bottleneck per stage, widths 8-256, 10 classes, 3x32x32",
-        lambda quick, train: resnet50(10, 8, (1, 1, 1, 1)) if quick else resnet50(),
-        _image_inputs(3, 224, 32, (1000, 10)), _classify, _image_shape(3, 224, 32), (16, 2),
-        ("nchw", "channels_last")),
+        "one Bottleneck per stage, widths 8-256, 10 classes, 3x32x32"),
     "unet": ModelSpec(
         "unet", "unet", "diffusion U-Net block stack (ResBlocks of GroupNorm(32, C) + SiLU +"
         " Conv3x3, C=128 at 32x32 and C=256 at 16x16, 11 GroupNorms) on 4x32x32 latents;"

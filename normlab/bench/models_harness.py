@@ -52,7 +52,7 @@ from .env import _default_backend, machine, versions
 from .peers import _reason
 from .progress import progress_bar
 from .spec import _names
-from .timing import CpuTimer, interleaved
+from .timing import CpuTimer, TimeBudget, interleaved
 
 MODES = ("infer", "train")
 PEERS = ("torch", "normlab", "normlab+fold", "compile")
@@ -541,14 +541,12 @@ def run(config: ModelConfig | None = None,
     config = config or ModelConfig()
     cases = config.cases()
     timer = CpuTimer()
-    t_start, last = time.perf_counter(), 0.0
+    budget = TimeBudget(config.time_budget_s)
     results: list[ModelResult] = []
     with progress_bar(len(cases), enabled=config.progress) as bar:
         for i, case in enumerate(cases):
-            elapsed = time.perf_counter() - t_start
-            if config.time_budget_s is not None and elapsed + last > config.time_budget_s:
-                why = (f"not run: time budget of {config.time_budget_s:.0f} s reached after "
-                       f"{i} of {len(cases)} cases")
+            why = budget.spent(i, len(cases), "cases")
+            if why:
                 for rest in cases[i:]:
                     results += _not_run(rest, config, why)
                 break
@@ -560,7 +558,7 @@ def run(config: ModelConfig | None = None,
                 done = _not_run(case, config, _reason(e))
             results += done
             if not any((r.error or "").startswith("skipped") for r in done):
-                last = time.perf_counter() - t0  # the guess for the next case
+                budget.last = time.perf_counter() - t0  # the guess for the next case
             gc.collect()
             bar.advance()
             if on_case is not None:

@@ -6,8 +6,6 @@ faster than torch eager). ``norm %`` is the torch eager model's share of time in
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from typing import Sequence
@@ -17,7 +15,7 @@ import torch
 from .env import machine
 from .models import MODELS
 from .models_harness import LR, PEERS, ModelResult
-from .report import _listing, geomean
+from .report import geomean, not_available, write_csv
 
 CSV_FIELDS = (
     "model", "layout", "mode", "batch", "input", "peer", "impl", "ms", "ms_min", "rounds",
@@ -69,13 +67,11 @@ def to_csv(results: Sequence[ModelResult], path: str | os.PathLike | None = None
     """One row per case and peer (``CSV_FIELDS``); written to ``path`` when given, returned.
     ``speedup`` is torch eager's ms / this peer's ms on the same case."""
     cases = _by_case(results)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
+    rows = []
     for r in results:
         c = r.case
         eager = cases[c].get("torch")
-        w.writerow({
+        rows.append({
             "model": c.model, "layout": c.layout, "mode": c.mode, "batch": c.batch,
             "input": c.input_str, "peer": r.peer, "impl": r.impl, "ms": f"{r.ms:.6g}",
             "ms_min": f"{r.ms_min:.6g}", "rounds": r.rounds, "reps": r.reps,
@@ -88,11 +84,7 @@ def to_csv(results: Sequence[ModelResult], path: str | os.PathLike | None = None
             "error": r.error or "", "device_name": r.device_name, "timing": r.timing,
             "versions": r.versions,
         })
-    text = buf.getvalue()
-    if path is not None:
-        with open(path, "w", newline="") as f:
-            f.write(text)
-    return text
+    return write_csv(CSV_FIELDS, rows, path)
 
 
 def _ms(r: ModelResult | None) -> str:
@@ -189,17 +181,7 @@ def to_markdown(results: Sequence[ModelResult]) -> str:
         row.append(f"{ours.max_abs_diff:.2g}" if ours and ours.max_abs_diff is not None
                    else "-")
         lines.append("| " + " | ".join(row) + " |")
-    reasons: dict = {}  # error -> (peers, case labels), in order of appearance
-    for r in results:
-        if r.error:
-            peers_, labels = reasons.setdefault(r.error, ({}, {}))
-            peers_[r.peer] = labels[r.case.label] = None
-    if reasons:
-        lines += ["", "Not available (n/a):"]
-        for error, (peers_, labels) in reasons.items():
-            n = len(labels)
-            lines.append(f"- {', '.join(peers_)} on {n} case{'s' * (n > 1)}: {error}"
-                         f" ({_listing(list(labels), 4)})")
+    lines += not_available(results, "case")
     left = {}
     for r in results:
         if r.peer == "normlab" and r.unpatched:

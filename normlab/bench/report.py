@@ -66,13 +66,11 @@ def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> 
     """One row per cell and peer (``CSV_FIELDS``); written to ``path`` when given, returned.
     ``normlab_speedup`` is this peer's time / normlab's time on the same cell."""
     cells = _by_cell(results)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
+    rows = []
     for r in results:
         c = r.cell
         ours = cells[c].get("normlab")
-        w.writerow({
+        rows.append({
             "norm": c.norm, "layout": c.layout, "dtype": c.dtype, "shape": c.shape_str,
             "groups": c.groups or "", "pass": c.pass_, "peer": r.peer, "impl": r.impl,
             "ms": f"{r.ms:.6g}", "ms_min": f"{r.ms_min:.6g}", "rounds": r.rounds,
@@ -85,6 +83,18 @@ def to_csv(results: Sequence[Result], path: str | os.PathLike | None = None) -> 
             "device": r.device, "device_name": r.device_name, "timing": r.timing,
             "copy_mib": r.copy_mib or "", "versions": r.versions,
         })
+    return write_csv(CSV_FIELDS, rows, path)
+
+
+def write_csv(fields: Sequence[str], rows: Iterable[dict],
+              path: str | os.PathLike | None = None) -> str:
+    """``rows`` (dicts keyed by ``fields``) as CSV text under a header line, ``\\n`` line ends;
+    written to ``path`` when given, returned. The ``to_csv`` of the kernel and the model
+    benchmarks."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
     text = buf.getvalue()
     if path is not None:
         with open(path, "w", newline="") as f:
@@ -214,6 +224,25 @@ def _listing(items: list[str], limit: int = 12) -> str:
     return "; ".join(items[:limit]) + more
 
 
+def not_available(results: Sequence, what: str) -> list[str]:
+    """A report's "Not available (n/a)" lines (none when nothing failed): each error once, in
+    order of appearance, with the peers it hit and how many ``what``s (``"cell"`` or ``"case"``,
+    the results' attribute of that name), naming up to four."""
+    reasons: dict = {}  # error -> (peers, labels), in order of appearance
+    for r in results:
+        if r.error:
+            peers, labels = reasons.setdefault(r.error, ({}, {}))
+            peers[r.peer] = labels[getattr(r, what).label] = None
+    if not reasons:
+        return []
+    lines = ["", "Not available (n/a):"]
+    for error, (peers, labels) in reasons.items():
+        n = len(labels)
+        lines.append(f"- {', '.join(peers)} on {n} {what}{'s' * (n > 1)}: {error}"
+                     f" ({_listing(list(labels), 4)})")
+    return lines
+
+
 def targets(results: Sequence[Result]) -> list[str]:
     """Issue 4's targets, judged on the normlab rows of ``results``: LayerNorm/RMSNorm on rows
     of 1K-64K elements at >= ``FWD_TARGET`` (fwd) and >= ``BWD_TARGET`` (bwd) of the copy
@@ -330,17 +359,7 @@ def to_markdown(results: Sequence[Result], copy_gbps: float | None = None,
             comp = got.get("compile")
             row.append(f"{comp.compile_s:.1f}" if comp and comp.compile_s is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
-    reasons: dict = {}  # error -> (peers, cell labels), in order of appearance
-    for r in results:
-        if r.error:
-            peers_, labels = reasons.setdefault(r.error, ({}, {}))
-            peers_[r.peer] = labels[r.cell.label] = None
-    if reasons:
-        lines += ["", "Not available (n/a):"]
-        for error, (peers_, labels) in reasons.items():
-            n = len(labels)
-            lines.append(f"- {', '.join(peers_)} on {n} cell{'s' * (n > 1)}: {error}"
-                         f" ({_listing(list(labels), 4)})")
+    lines += not_available(results, "cell")
     if "compile" in peers:
         total = sum(r.compile_s or 0 for r in results if r.peer == "compile")
         lines += ["", f"torch.compile: {total:.0f} s compiling in all (the first call per cell,"

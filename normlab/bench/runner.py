@@ -32,7 +32,7 @@ from .env import device_name, versions
 from .peers import PEER_FACTORIES, _norm_fns, _reason, applies
 from .progress import progress_bar
 from .spec import DTYPES, Cell, Config, Result
-from .timing import _copy_gbps, copy_samples, interleaved, make_timer
+from .timing import TimeBudget, _copy_gbps, copy_samples, interleaved, make_timer
 
 MAX_REPS = 500  # calls per sample at most
 
@@ -218,16 +218,14 @@ def run(config: Config | None = None,
     cells = config.cells()
     timer = make_timer(config)
     cache: dict = {}
-    t_start, last = time.perf_counter(), 0.0
+    budget = TimeBudget(config.time_budget_s)
     before = copy_samples(config.copy_mib, device=config.device)
     results: list[Result] = []
     gbps_now = _copy_gbps(config.copy_mib, before)
     with progress_bar(len(cells), enabled=config.progress) as bar:
         for i, cell in enumerate(cells):
-            elapsed = time.perf_counter() - t_start
-            if config.time_budget_s is not None and elapsed + last > config.time_budget_s:
-                why = (f"not run: time budget of {config.time_budget_s:.0f} s reached after "
-                       f"{i} of {len(cells)} cells")
+            why = budget.spent(i, len(cells), "cells")
+            if why:
                 for rest in cells[i:]:
                     results += _not_run(rest, config, timer, gbps_now, why)
                 break
@@ -237,7 +235,7 @@ def run(config: Config | None = None,
                 results += time_cell(cell, config, gbps_now, timer=timer, cache=cache)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory making the inputs
                 results += _not_run(cell, config, timer, gbps_now, _reason(e))
-            last = time.perf_counter() - t0
+            budget.last = time.perf_counter() - t0
             gc.collect()
             if config.device == "cuda":
                 torch.cuda.empty_cache()

@@ -1,5 +1,5 @@
-"""The clocks, the round-robin loop that times peers with them, and the device's copy
-bandwidth.
+"""The clocks, the round-robin loop that times peers with them, the device's copy
+bandwidth, and the time budget of a run (:class:`TimeBudget`).
 
 Clocks: on CPU, ``time.perf_counter`` around the calls (:class:`CpuTimer`). On CUDA
 (:class:`CudaTimer`), CUDA events around each call, the L2 cache flushed before each call
@@ -21,6 +21,27 @@ from .spec import Config
 
 FLUSH_MIB = 256  # bytes written to flush the L2 cache before each timed CUDA call
 WARM_S = 0.5  # CUDA: seconds of copies before the copy bandwidth is measured (clocks up)
+
+
+# --- the time budget -----------------------------------------------------------------
+
+class TimeBudget:
+    """``--time-budget``: the next item (a cell, a case) is not started when the seconds since
+    this was made plus ``last``, the previous item's duration (the guess for the next one),
+    exceed ``seconds``; ``None``: no budget."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def spent(self, done: int, total: int, items: str) -> str | None:
+        """Before the item after the first ``done`` of ``total`` ``items``: the error of it and
+        those after it ("not run: time budget ..."), or None to start it."""
+        if self.seconds is None or time.perf_counter() - self.start + self.last <= self.seconds:
+            return None
+        return (f"not run: time budget of {self.seconds:.0f} s reached after {done} of {total}"
+                f" {items}")
 
 
 # --- clocks ---------------------------------------------------------------------------

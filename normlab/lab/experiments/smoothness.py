@@ -456,6 +456,16 @@ def _claims(per_lr, lrs) -> list[dict]:
 
 # --- figures -----------------------------------------------------------------------------------
 
+def _finish(fig, axes):
+    """Every panel's x axis (training steps) and legend, and the spacing; ``fig``."""
+    for row in axes:
+        for ax in row:
+            ax.set_xlabel("training step")
+            ax.legend(fontsize=8)
+    fig.subplots_adjust(hspace=0.45, wspace=0.25)  # (tight_layout costs a draw)
+    return fig
+
+
 def _landscape_figure(runs, lrs):
     fig, axes = figure(len(lrs), 3, figsize=(13, 3.4 * len(lrs)), squeeze=False)
     for r, lr in enumerate(lrs):
@@ -481,11 +491,7 @@ def _landscape_figure(runs, lrs):
         axes[r][1].set_yscale("log")
         axes[r][2].set_title(f"(c) effective beta-smoothness, lr {lr:g}", fontsize=9)
         axes[r][2].set_yscale("log")
-        for ax in axes[r]:
-            ax.set_xlabel("training step")
-            ax.legend(fontsize=8)
-    fig.subplots_adjust(hspace=0.45, wspace=0.25)  # (tight_layout costs a draw)
-    return fig
+    return _finish(fig, axes)
 
 
 def _training_figure(runs, lrs):
@@ -500,11 +506,7 @@ def _training_figure(runs, lrs):
         axes[r][0].set_title(f"training loss (mean over the steps since the last point), "
                              f"lr {lr:g}", fontsize=9)
         axes[r][1].set_title(f"validation accuracy, lr {lr:g}", fontsize=9)
-        for ax in axes[r]:
-            ax.set_xlabel("training step")
-            ax.legend(fontsize=8)
-    fig.subplots_adjust(hspace=0.45, wspace=0.25)  # (tight_layout costs a draw)
-    return fig
+    return _finish(fig, axes)
 
 
 def _ics_figure(runs, lrs):
@@ -520,8 +522,4 @@ def _ics_figure(runs, lrs):
         axes[r][0].set_title(f"ICS: ||G - G'|| / ||G|| (mean over layers), lr {lr:g}",
                              fontsize=9)
         axes[r][1].set_title(f"ICS: cos(G, G') (1 = no shift), lr {lr:g}", fontsize=9)
-        for ax in axes[r]:
-            ax.set_xlabel("training step")
-            ax.legend(fontsize=8)
-    fig.subplots_adjust(hspace=0.45, wspace=0.25)  # (tight_layout costs a draw)
-    return fig
+    return _finish(fig, axes)
