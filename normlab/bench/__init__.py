@@ -55,7 +55,6 @@ Modules, in import order: each imports only ones above it (``tests/test_structur
     report          CSV in and out, the markdown, the summary, issue 4's targets
     dispatch        --dispatch: the kernels against ATen, auto's table
     models          --models: the models; then models_harness (timing), models_report
-    harness         the old names that normlab.lab.experiments.speed uses
     cli             the options and the command
 """
 from .models_harness import ModelConfig, ModelResult

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import torch  # noqa: F401  (the examples below use it)
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
