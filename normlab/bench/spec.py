@@ -100,16 +100,17 @@ def _names(kind: str, values, known: Sequence[str]) -> tuple[str, ...]:
     naming the unknown one and listing the known ones."""
     if isinstance(values, str):
         values = [v for v in values.split(",") if v.strip()]
+    kinds = kind + ("es" if kind.endswith("s") else "s")
     out = []
     for v in values:
         name = _ALIASES.get(str(v).strip().lower(), str(v).strip().lower())
         if name not in known:
             raise ValueError(
-                f"unknown {kind} {str(v).strip()!r}; known {kind}s: {', '.join(known)}")
+                f"unknown {kind} {str(v).strip()!r}; known {kinds}: {', '.join(known)}")
         if name not in out:
             out.append(name)
     if not out:
-        raise ValueError(f"no {kind} given; known {kind}s: {', '.join(known)}")
+        raise ValueError(f"no {kind} given; known {kinds}: {', '.join(known)}")
     return tuple(out)
 
 
