@@ -49,7 +49,7 @@ import torch
 from numba.np.ufunc import parallel as _nparallel
 
 from .. import _engine as E
-from . import _numba_kernels as K
+from . import _numba as K
 from ._fused import FLOATS, FusedBackend, Ops, output_for
 
 _NONE = {np.dtype(np.float32): np.empty((0, 0), np.float32),  # "no array" for the kernels
