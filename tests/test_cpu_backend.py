@@ -626,10 +626,10 @@ def test_gradient_penalty_matches_reference(name, layout):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def count_kernels(monkeypatch):
-    """``count_kernels()`` wraps every Numba kernel of ``normlab.kernels._numba_kernels`` (the
+    """``count_kernels()`` wraps every Numba kernel of ``normlab.kernels._numba`` (the
     module attributes the cpu backend calls, both their parallel and serial versions) and
     returns the list that each call appends ``(kernel name, address of its first array)`` to."""
-    from normlab.kernels import _numba_kernels as K
+    from normlab.kernels import _numba as K
 
     def start():
         calls = []
@@ -951,7 +951,7 @@ def test_16bit_large_mean_statistics(dtype):
 
 
 def test_bfloat16_widening_is_exact_for_every_pattern():
-    from normlab.kernels import _numba_kernels as K
+    from normlab.kernels import _numba as K
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     out = np.empty(bits.size, np.float32)
@@ -961,7 +961,7 @@ def test_bfloat16_widening_is_exact_for_every_pattern():
 
 
 def test_float16_widening_is_exact_for_every_pattern():
-    from normlab.kernels import _numba_kernels as K
+    from normlab.kernels import _numba as K
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
     out = np.empty(bits.size, np.float32)
@@ -1001,7 +1001,7 @@ def narrowing_inputs() -> torch.Tensor:
 
 def test_bfloat16_narrowing_matches_torch():
     """float32 -> bfloat16 round to nearest even, as torch's ``.bfloat16()``; NaN stays NaN."""
-    from normlab.kernels import _numba_kernels as K
+    from normlab.kernels import _numba as K
 
     f = narrowing_inputs()
     out = np.empty(f.numel(), np.uint16)
@@ -1015,7 +1015,7 @@ def test_bfloat16_narrowing_matches_torch():
 
 def test_float16_narrowing_matches_torch():
     """float32 -> float16 as torch's ``.half()``: nearest even, subnormals, overflow to inf."""
-    from normlab.kernels import _numba_kernels as K
+    from normlab.kernels import _numba as K
 
     f = narrowing_inputs()
     out = np.empty(f.numel(), np.int16)

@@ -49,7 +49,7 @@ import torch
 from numba.np.ufunc import parallel as _nparallel
 
 from .. import _engine as E
-from . import _numba_kernels as K
+from . import _numba as K
 from . import _plan as P
 from ._fused import FusedBackend, Ops
 
@@ -63,7 +63,7 @@ _CHUNKS = 64  # nhwc work items (P * chunks of R) aimed at, fixed for the same r
 _CHUNK_MIN = 8192  # elements of an nhwc chunk at least (each has a (C,) float64 partial)
 
 
-# --- threads: which version of a kernel runs (see _numba_kernels.Kernel)
+# --- threads: which version of a kernel runs (see _numba.jit.Kernel)
 #
 # The design: every kernel exists as a parallel and a serial version, and each call picks one.
 # Serial when the call is small (below _MIN_PARALLEL elements of work: a parallel region's
