@@ -74,6 +74,33 @@ def _partial_cols(j, G, R, Q, C):
 
 
 @triton.jit
+def _merge_pass(PART, PLANE, col, mask_j, ref, delta, R, Q, C, SPLIT, S, CHUNK,
+                BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+                acc_ty: tl.constexpr, SQUARES: tl.constexpr):
+    """One pass of the Chan merge over the partials of BLOCK_J statistics (rows r < R of stride
+    C, chunk r % SPLIT; Q columns from col): per statistic, the sum of x - ref, or (SQUARES) of
+    (x - ref - delta)^2 (delta is not read without SQUARES)."""
+    acc = tl.zeros([BLOCK_R, BLOCK_Q, BLOCK_J], dtype=acc_ty)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        cnt = tl.minimum(CHUNK, S - (offs_r % SPLIT) * CHUNK).to(acc_ty)[:, None, None]
+        for q0 in range(0, Q, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            mask = ((offs_r < R)[:, None, None] & (offs_q < Q)[None, :, None]
+                    & mask_j[None, None, :])
+            ptr = PART + col[None, None, :] + offs_r[:, None, None] * C + offs_q[None, :, None]
+            sh = tl.load(ptr, mask=mask, other=0.0)
+            s1 = tl.load(ptr + PLANE, mask=mask, other=0.0)
+            if SQUARES:
+                s2 = tl.load(ptr + 2 * PLANE, mask=mask, other=0.0)
+                dev = (sh - ref[None, None, :]) + s1 / cnt - delta[None, None, :]
+                acc += tl.where(mask, (s2 - s1 * s1 / cnt) + cnt * dev * dev, 0.0)
+            else:
+                acc += tl.where(mask, s1 + cnt * (sh - ref[None, None, :]), 0.0)
+    return tl.sum(tl.sum(acc, axis=0), axis=0)
+
+
+@triton.jit
 def _combine_stats_kernel(PART, STATS, PLANE, NSTAT, G, R, Q, C, SPLIT, S, CHUNK, count, eps,
                           BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr):
     """Split forward (2): Chan merge of the partials of BLOCK_J statistics, each over its rows
@@ -84,34 +111,10 @@ def _combine_stats_kernel(PART, STATS, PLANE, NSTAT, G, R, Q, C, SPLIT, S, CHUNK
     acc_ty = STATS.dtype.element_ty
     col = _partial_cols(j, G, R, Q, C)
     ref = tl.load(PART + col, mask=mask_j, other=0.0)
-    acc = tl.zeros([BLOCK_R, BLOCK_Q, BLOCK_J], dtype=acc_ty)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        cnt = tl.minimum(CHUNK, S - (offs_r % SPLIT) * CHUNK).to(acc_ty)[:, None, None]
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask = ((offs_r < R)[:, None, None] & (offs_q < Q)[None, :, None]
-                    & mask_j[None, None, :])
-            ptr = PART + col[None, None, :] + offs_r[:, None, None] * C + offs_q[None, :, None]
-            sh = tl.load(ptr, mask=mask, other=0.0)
-            s1 = tl.load(ptr + PLANE, mask=mask, other=0.0)
-            acc += tl.where(mask, s1 + cnt * (sh - ref[None, None, :]), 0.0)
-    delta = tl.sum(tl.sum(acc, axis=0), axis=0) / count
-    acc = tl.zeros([BLOCK_R, BLOCK_Q, BLOCK_J], dtype=acc_ty)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        cnt = tl.minimum(CHUNK, S - (offs_r % SPLIT) * CHUNK).to(acc_ty)[:, None, None]
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask = ((offs_r < R)[:, None, None] & (offs_q < Q)[None, :, None]
-                    & mask_j[None, None, :])
-            ptr = PART + col[None, None, :] + offs_r[:, None, None] * C + offs_q[None, :, None]
-            sh = tl.load(ptr, mask=mask, other=0.0)
-            s1 = tl.load(ptr + PLANE, mask=mask, other=0.0)
-            s2 = tl.load(ptr + 2 * PLANE, mask=mask, other=0.0)
-            dev = (sh - ref[None, None, :]) + s1 / cnt - delta[None, None, :]
-            acc += tl.where(mask, (s2 - s1 * s1 / cnt) + cnt * dev * dev, 0.0)
-    var = tl.sum(tl.sum(acc, axis=0), axis=0) / count
+    delta = _merge_pass(PART, PLANE, col, mask_j, ref, ref, R, Q, C, SPLIT, S, CHUNK,
+                        BLOCK_R, BLOCK_Q, BLOCK_J, acc_ty, SQUARES=False) / count
+    var = _merge_pass(PART, PLANE, col, mask_j, ref, delta, R, Q, C, SPLIT, S, CHUNK,
+                      BLOCK_R, BLOCK_Q, BLOCK_J, acc_ty, SQUARES=True) / count
     var = tl.where(var < 0.0, 0.0, var)  # not tl.maximum: a NaN variance stays NaN
     tl.store(STATS + j, ref + delta, mask=mask_j)
     tl.store(STATS + NSTAT + j, var, mask=mask_j)
