@@ -22,16 +22,33 @@ from ._triton_channels_common import (
 
 
 @triton.jit
+def _group(C, S, G, CPG):
+    """Program j = n * G + g: sample n, group g, and the offset of the group (CPG rows of S)
+    from the start of x."""
+    j = tl.program_id(0)
+    n = j // G
+    g = j - n * G
+    return j, n, g, n.to(tl.int64) * C * S + g * CPG * S
+
+
+@triton.jit
+def _scale(W, g, CPG, offs_c, mask_c, rstd, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr,
+           acc_ty: tl.constexpr):
+    """rstd * w for the group's channels offs_c ([BLOCK_C]; rstd alone without weight)."""
+    scale = tl.zeros([BLOCK_C], dtype=acc_ty) + rstd
+    if HAS_W:
+        scale = scale * tl.load(W + g * CPG + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+    return scale
+
+
+@triton.jit
 def _group_forward_fused_kernel(X, Y, W, B, STATS, NSTAT, C, S, G, CPG, count, eps,
                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Fused NCHW forward, one program per (sample, group): shifted sums over the group's CPG
     rows of S, then y = ((x - shift) - delta) * rstd * w + b. Writes mean and rstd."""
-    j = tl.program_id(0)
-    n = j // G
-    g = j - n * G
+    j, n, g, base = _group(C, S, G, CPG)
     acc_ty = STATS.dtype.element_ty
-    base = n.to(tl.int64) * C * S + g * CPG * S  # the group: CPG rows of S
     X += base
     Y += base
     shift = tl.load(X).to(acc_ty)
@@ -55,9 +72,7 @@ def _group_forward_fused_kernel(X, Y, W, B, STATS, NSTAT, C, S, G, CPG, count, e
     for c0 in range(0, CPG, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CPG
-        scale = tl.zeros([BLOCK_C], dtype=acc_ty) + rstd
-        if HAS_W:
-            scale = scale * tl.load(W + g * CPG + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+        scale = _scale(W, g, CPG, offs_c, mask_c, rstd, HAS_W, BLOCK_C, acc_ty)
         t = -delta * scale
         if HAS_B:
             t += tl.load(B + g * CPG + offs_c, mask=mask_c, other=0.0).to(acc_ty)
@@ -76,11 +91,8 @@ def _group_backward_fused_kernel(X, DY, DX, W, MEAN, RSTD, DWB, DPLANE, C, S, G,
                                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Fused NCHW backward, one program per (sample, group): group sums of w dy (x - mu),
     w dy and x - mu; then dx and this sample's dw, db per channel into DWB (2, N, C)."""
-    j = tl.program_id(0)
-    n = j // G
-    g = j - n * G
+    j, n, g, base = _group(C, S, G, CPG)
     acc_ty = DWB.dtype.element_ty
-    base = n.to(tl.int64) * C * S + g * CPG * S  # the group: CPG rows of S
     X += base
     DY += base
     DX += base
@@ -113,9 +125,7 @@ def _group_backward_fused_kernel(X, DY, DX, W, MEAN, RSTD, DWB, DPLANE, C, S, G,
     for c0 in range(0, CPG, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CPG
-        alpha = tl.zeros([BLOCK_C], dtype=acc_ty) + rstd
-        if HAS_W:
-            alpha = alpha * tl.load(W + g * CPG + offs_c, mask=mask_c, other=0.0).to(acc_ty)
+        alpha = _scale(W, g, CPG, offs_c, mask_c, rstd, HAS_W, BLOCK_C, acc_ty)
         c_g = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
         c_gx = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
         for s0 in range(0, S, BLOCK_S):

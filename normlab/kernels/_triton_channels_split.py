@@ -36,26 +36,41 @@ def _tile_offs(offs_s, offs_c, C, S, CL: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(X, PART, PLANE, C, S, CHUNK, SPLIT,
-                  CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Split forward (1): shifted sums of a chunk of positions of BLOCK_C channels of sample n."""
+def _tile(s0, offs_c, mask_c, C, S, CL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets (as :func:`_tile_offs`) and mask of the tile of positions s0 .. s0 + BLOCK_S - 1
+    and channels offs_c."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mask = (offs_s < S)[:, None] & mask_c[None, :]
+    return _tile_offs(offs_s, offs_c, C, S, CL), mask
+
+
+@triton.jit
+def _program(C, S, CHUNK, BLOCK_C: tl.constexpr):
+    """What program (n, cb, k) of the split grid covers: sample n, chunk k (positions s_start
+    .. s_end - 1) and channels cb * BLOCK_C + [0, BLOCK_C) (offsets, mask)."""
     n = tl.program_id(0)
     cb = tl.program_id(1)
     k = tl.program_id(2)
-    acc_ty = PART.dtype.element_ty
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     s_start = k * CHUNK
-    s_end = tl.minimum(s_start + CHUNK, S)
+    return n, k, s_start, tl.minimum(s_start + CHUNK, S), offs_c, mask_c
+
+
+@triton.jit
+def _stats_kernel(X, PART, PLANE, C, S, CHUNK, SPLIT,
+                  CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split forward (1): shifted sums of a chunk of positions of BLOCK_C channels of sample n."""
+    n, k, s_start, s_end, offs_c, mask_c = _program(C, S, CHUNK, BLOCK_C)
+    acc_ty = PART.dtype.element_ty
     X += n.to(tl.int64) * C * S
     first = _tile_offs(s_start + tl.arange(0, 1), offs_c, C, S, CL)
     shift = tl.sum(tl.load(X + first, mask=mask_c[None, :], other=0.0).to(acc_ty), axis=0)
     acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < S)[:, None] & mask_c[None, :]
-        x = tl.load(X + _tile_offs(offs_s, offs_c, C, S, CL), mask=mask, other=0.0)
+        ptrs, mask = _tile(s0, offs_c, mask_c, C, S, CL, BLOCK_S)
+        x = tl.load(X + ptrs, mask=mask, other=0.0)
         d = tl.where(mask, x.to(acc_ty) - shift[None, :], 0.0)
         acc1 += d
         acc2 += d * d
@@ -74,6 +89,33 @@ def _partial_cols(j, G, R, Q, C):
 
 
 @triton.jit
+def _merge_pass(PART, PLANE, col, mask_j, ref, delta, R, Q, C, SPLIT, S, CHUNK,
+                BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+                acc_ty: tl.constexpr, SQUARES: tl.constexpr):
+    """One pass of the Chan merge over the partials of BLOCK_J statistics (rows r < R of stride
+    C, chunk r % SPLIT; Q columns from col): per statistic, the sum of x - ref, or (SQUARES) of
+    (x - ref - delta)^2 (delta is not read without SQUARES)."""
+    acc = tl.zeros([BLOCK_R, BLOCK_Q, BLOCK_J], dtype=acc_ty)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        cnt = tl.minimum(CHUNK, S - (offs_r % SPLIT) * CHUNK).to(acc_ty)[:, None, None]
+        for q0 in range(0, Q, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            mask = ((offs_r < R)[:, None, None] & (offs_q < Q)[None, :, None]
+                    & mask_j[None, None, :])
+            ptr = PART + col[None, None, :] + offs_r[:, None, None] * C + offs_q[None, :, None]
+            sh = tl.load(ptr, mask=mask, other=0.0)
+            s1 = tl.load(ptr + PLANE, mask=mask, other=0.0)
+            if SQUARES:
+                s2 = tl.load(ptr + 2 * PLANE, mask=mask, other=0.0)
+                dev = (sh - ref[None, None, :]) + s1 / cnt - delta[None, None, :]
+                acc += tl.where(mask, (s2 - s1 * s1 / cnt) + cnt * dev * dev, 0.0)
+            else:
+                acc += tl.where(mask, s1 + cnt * (sh - ref[None, None, :]), 0.0)
+    return tl.sum(tl.sum(acc, axis=0), axis=0)
+
+
+@triton.jit
 def _combine_stats_kernel(PART, STATS, PLANE, NSTAT, G, R, Q, C, SPLIT, S, CHUNK, count, eps,
                           BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr):
     """Split forward (2): Chan merge of the partials of BLOCK_J statistics, each over its rows
@@ -84,34 +126,10 @@ def _combine_stats_kernel(PART, STATS, PLANE, NSTAT, G, R, Q, C, SPLIT, S, CHUNK
     acc_ty = STATS.dtype.element_ty
     col = _partial_cols(j, G, R, Q, C)
     ref = tl.load(PART + col, mask=mask_j, other=0.0)
-    acc = tl.zeros([BLOCK_R, BLOCK_Q, BLOCK_J], dtype=acc_ty)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        cnt = tl.minimum(CHUNK, S - (offs_r % SPLIT) * CHUNK).to(acc_ty)[:, None, None]
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask = ((offs_r < R)[:, None, None] & (offs_q < Q)[None, :, None]
-                    & mask_j[None, None, :])
-            ptr = PART + col[None, None, :] + offs_r[:, None, None] * C + offs_q[None, :, None]
-            sh = tl.load(ptr, mask=mask, other=0.0)
-            s1 = tl.load(ptr + PLANE, mask=mask, other=0.0)
-            acc += tl.where(mask, s1 + cnt * (sh - ref[None, None, :]), 0.0)
-    delta = tl.sum(tl.sum(acc, axis=0), axis=0) / count
-    acc = tl.zeros([BLOCK_R, BLOCK_Q, BLOCK_J], dtype=acc_ty)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        cnt = tl.minimum(CHUNK, S - (offs_r % SPLIT) * CHUNK).to(acc_ty)[:, None, None]
-        for q0 in range(0, Q, BLOCK_Q):
-            offs_q = q0 + tl.arange(0, BLOCK_Q)
-            mask = ((offs_r < R)[:, None, None] & (offs_q < Q)[None, :, None]
-                    & mask_j[None, None, :])
-            ptr = PART + col[None, None, :] + offs_r[:, None, None] * C + offs_q[None, :, None]
-            sh = tl.load(ptr, mask=mask, other=0.0)
-            s1 = tl.load(ptr + PLANE, mask=mask, other=0.0)
-            s2 = tl.load(ptr + 2 * PLANE, mask=mask, other=0.0)
-            dev = (sh - ref[None, None, :]) + s1 / cnt - delta[None, None, :]
-            acc += tl.where(mask, (s2 - s1 * s1 / cnt) + cnt * dev * dev, 0.0)
-    var = tl.sum(tl.sum(acc, axis=0), axis=0) / count
+    delta = _merge_pass(PART, PLANE, col, mask_j, ref, ref, R, Q, C, SPLIT, S, CHUNK,
+                        BLOCK_R, BLOCK_Q, BLOCK_J, acc_ty, SQUARES=False) / count
+    var = _merge_pass(PART, PLANE, col, mask_j, ref, delta, R, Q, C, SPLIT, S, CHUNK,
+                      BLOCK_R, BLOCK_Q, BLOCK_J, acc_ty, SQUARES=True) / count
     var = tl.where(var < 0.0, 0.0, var)  # not tl.maximum: a NaN variance stays NaN
     tl.store(STATS + j, ref + delta, mask=mask_j)
     tl.store(STATS + NSTAT + j, var, mask=mask_j)
@@ -127,12 +145,8 @@ def _normalize_kernel(X, Y, W, B, REF, DELTA, RSTD, VAR, STAT_N, C, S, CHUNK, CP
     """Split forward (3): y = (x - ref) * s + t, s = rstd * w, t = b - delta * s, per channel.
     GIVEN: ref = the given mean, delta = 0, rstd from the given var (written by the programs of
     sample 0, chunk 0)."""
-    n = tl.program_id(0)
-    cb = tl.program_id(1)
-    k = tl.program_id(2)
+    n, k, s_start, s_end, offs_c, mask_c = _program(C, S, CHUNK, BLOCK_C)
     acc_ty = RSTD.dtype.element_ty
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
     j = n * STAT_N + offs_c // CPG
     ref = tl.load(REF + j, mask=mask_c, other=0.0).to(acc_ty)
     if GIVEN:
@@ -155,12 +169,8 @@ def _normalize_kernel(X, Y, W, B, REF, DELTA, RSTD, VAR, STAT_N, C, S, CHUNK, CP
     sample = n.to(tl.int64) * C * S
     X += sample
     Y += sample
-    s_start = k * CHUNK
-    s_end = tl.minimum(s_start + CHUNK, S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < S)[:, None] & mask_c[None, :]
-        ptrs = _tile_offs(offs_s, offs_c, C, S, CL)
+        ptrs, mask = _tile(s0, offs_c, mask_c, C, S, CL, BLOCK_S)
         x = tl.load(X + ptrs, mask=mask, other=0.0).to(acc_ty)
         y = (x - ref[None, :]) * scale[None, :] + t[None, :]
         tl.store(Y + ptrs, y.to(Y.dtype.element_ty), mask=mask)
@@ -171,12 +181,8 @@ def _grad_sums_kernel(X, DY, MEAN, PART, PLANE, STAT_N, C, S, CHUNK, SPLIT, CPG,
                       CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Split backward (1): sum dy, sum dy (x - mu), sum (x - mu) of a chunk of positions of
     BLOCK_C channels of sample n."""
-    n = tl.program_id(0)
-    cb = tl.program_id(1)
-    k = tl.program_id(2)
+    n, k, s_start, s_end, offs_c, mask_c = _program(C, S, CHUNK, BLOCK_C)
     acc_ty = PART.dtype.element_ty
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
     mean = tl.load(MEAN + n * STAT_N + offs_c // CPG, mask=mask_c, other=0.0).to(acc_ty)
     a_g = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
     a_gx = tl.zeros([BLOCK_S, BLOCK_C], dtype=acc_ty)
@@ -184,12 +190,8 @@ def _grad_sums_kernel(X, DY, MEAN, PART, PLANE, STAT_N, C, S, CHUNK, SPLIT, CPG,
     sample = n.to(tl.int64) * C * S
     X += sample
     DY += sample
-    s_start = k * CHUNK
-    s_end = tl.minimum(s_start + CHUNK, S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < S)[:, None] & mask_c[None, :]
-        ptrs = _tile_offs(offs_s, offs_c, C, S, CL)
+        ptrs, mask = _tile(s0, offs_c, mask_c, C, S, CL, BLOCK_S)
         xc = tl.where(mask, tl.load(X + ptrs, mask=mask, other=0.0).to(acc_ty) - mean[None, :],
                       0.0)
         dy = tl.load(DY + ptrs, mask=mask, other=0.0).to(acc_ty)
@@ -275,12 +277,8 @@ def _dx_kernel(X, DY, DX, W, MEAN, RSTD, COEF, NSTAT, STAT_N, C, S, CHUNK, CPG,
                CL: tl.constexpr, HAS_W: tl.constexpr, INPUT_STATS: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Split backward (3): dx = rstd w dy + beta (x - mu) + t (given statistics: rstd w dy)."""
-    n = tl.program_id(0)
-    cb = tl.program_id(1)
-    k = tl.program_id(2)
+    n, k, s_start, s_end, offs_c, mask_c = _program(C, S, CHUNK, BLOCK_C)
     acc_ty = COEF.dtype.element_ty
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
     j = n * STAT_N + offs_c // CPG
     alpha = tl.load(RSTD + j, mask=mask_c, other=0.0).to(acc_ty)
     if HAS_W:
@@ -292,12 +290,8 @@ def _dx_kernel(X, DY, DX, W, MEAN, RSTD, COEF, NSTAT, STAT_N, C, S, CHUNK, CPG,
     X += sample
     DY += sample
     DX += sample
-    s_start = k * CHUNK
-    s_end = tl.minimum(s_start + CHUNK, S)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < S)[:, None] & mask_c[None, :]
-        ptrs = _tile_offs(offs_s, offs_c, C, S, CL)
+        ptrs, mask = _tile(s0, offs_c, mask_c, C, S, CL, BLOCK_S)
         dx = tl.load(DY + ptrs, mask=mask, other=0.0).to(acc_ty) * alpha[None, :]
         if INPUT_STATS:
             x = tl.load(X + ptrs, mask=mask, other=0.0).to(acc_ty)

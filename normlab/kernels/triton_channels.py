@@ -96,6 +96,20 @@ def _tuning(x: torch.Tensor) -> Tuning:
     return GPU_TUNING if x.is_cuda else CPU_TUNING
 
 
+def _no_grads(x, need_dx: bool):
+    """The backward of an x without elements: (empty dx or None, zero dw, zero db)."""
+    zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+    return (torch.empty_like(x) if need_dx else None), zeros, zeros.clone()
+
+
+def _backward_inputs(dy, x, cl: bool, mean, rstd):
+    """What the backward kernels read besides x: dy in x's layout (copied only if it is not),
+    mean and rstd flat and contiguous in the accumulation dtype."""
+    acc = acc_dtype(x.dtype)
+    return (like_layout(dy, cl), mean.reshape(-1).to(acc).contiguous(),
+            rstd.reshape(-1).to(acc).contiguous())
+
+
 # ---------------------------------------------------------------------------------------------
 # API
 # ---------------------------------------------------------------------------------------------
@@ -129,16 +143,11 @@ def group_backward(dy, x, weight, mean, rstd, groups: int, *, need_dx=True):
     dx = rstd * (g - <g> - xhat <g xhat>) with g = weight[c] * dy and means over each
     (sample, group); dw[c] = sum over samples and positions of dy * xhat; db[c] = sum of dy.
     """
-    n, c, s = x.shape[0], x.shape[1], spatial(x)
-    acc = acc_dtype(x.dtype)
-    if n * s == 0 or c == 0:
-        zeros = torch.zeros(c, dtype=acc, device=x.device)
-        return (torch.empty_like(x) if need_dx else None), zeros, zeros.clone()
+    if x.numel() == 0:
+        return _no_grads(x, need_dx)
     cl = channels_last(x)
     t = _tuning(x)
-    dy = like_layout(dy, cl)
-    mean = mean.reshape(-1).to(acc).contiguous()
-    rstd = rstd.reshape(-1).to(acc).contiguous()
+    dy, mean, rstd = _backward_inputs(dy, x, cl, mean, rstd)
     if fused.applies(x, cl, groups, t):
         return fused.backward(dy, x, weight, mean, rstd, groups, need_dx, t)
     return split.backward(dy, x, weight, mean, rstd, True, groups, True, need_dx, t)
@@ -177,14 +186,8 @@ def batch_backward(dy, x, weight, mean, rstd, input_stats: bool, *, need_dx=True
     input_stats=True (training): dx = rstd * (g - <g> - xhat <g xhat>), g = weight[c] * dy,
     means over (N, spatial) per channel; input_stats=False (given statistics): dx = rstd * g.
     """
-    n, c, s = x.shape[0], x.shape[1], spatial(x)
-    acc = acc_dtype(x.dtype)
-    if n * s == 0 or c == 0:
-        zeros = torch.zeros(c, dtype=acc, device=x.device)
-        return (torch.empty_like(x) if need_dx else None), zeros, zeros.clone()
-    cl = channels_last(x)
-    dy = like_layout(dy, cl)
-    mean = mean.reshape(-1).to(acc).contiguous()
-    rstd = rstd.reshape(-1).to(acc).contiguous()
-    return split.backward(dy, x, weight, mean, rstd, False, c, bool(input_stats), need_dx,
-                          _tuning(x))
+    if x.numel() == 0:
+        return _no_grads(x, need_dx)
+    dy, mean, rstd = _backward_inputs(dy, x, channels_last(x), mean, rstd)
+    return split.backward(dy, x, weight, mean, rstd, False, x.shape[1], bool(input_stats),
+                          need_dx, _tuning(x))

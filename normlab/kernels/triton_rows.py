@@ -221,6 +221,27 @@ def _fwd_loop(X, R, W, B, Y, H, Mean, Rstd, N, eps_hi, eps_lo,
 
 
 @triton.jit
+def _grad_partials(dw, db, dy, xhat, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr):
+    """The dw, db partials plus dy * xhat, dy (each only if needed)."""
+    if NEED_DW:
+        dw += dy * xhat
+    if NEED_DB:
+        db += dy
+    return dw, db
+
+
+@triton.jit
+def _store_dx(DX, DH, offs, mask, dx, acc: tl.constexpr, HAS_DH: tl.constexpr,
+              SOFT_BF16: tl.constexpr):
+    """Store dx (plus dh, when given), rounded once to DX's dtype."""
+    if HAS_DH:
+        dx += tl.load(DH + offs, mask=mask, other=0.0).to(acc)
+    if SOFT_BF16:
+        dx = _rne_bf16(dx)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _bwd_tile(DY, X, W, Mean, Rstd, DH, DX, DW, DB, M, N,
               ROWS: tl.constexpr, BLOCK: tl.constexpr, CENTERED: tl.constexpr,
               HAS_W: tl.constexpr, HAS_DH: tl.constexpr, NEED_DX: tl.constexpr,
@@ -249,10 +270,7 @@ def _bwd_tile(DY, X, W, Mean, Rstd, DH, DX, DW, DB, M, N,
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         else:
             xhat = x * rstd[:, None]
-        if NEED_DW:
-            dw += dy * xhat
-        if NEED_DB:
-            db += dy
+        dw, db = _grad_partials(dw, db, dy, xhat, NEED_DW, NEED_DB)
         if NEED_DX:
             if HAS_W:
                 g = dy * w[None, :]
@@ -264,11 +282,7 @@ def _bwd_tile(DY, X, W, Mean, Rstd, DH, DX, DW, DB, M, N,
                 dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
             else:
                 dx = (g - xhat * c1[:, None]) * rstd[:, None]
-            if HAS_DH:
-                dx += tl.load(DH + offs, mask=mask, other=0.0).to(acc)
-            if SOFT_BF16:
-                dx = _rne_bf16(dx)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            _store_dx(DX, DH, offs, mask, dx, acc, HAS_DH, SOFT_BF16)
     if NEED_DW:
         tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=cmask)
     if NEED_DB:
@@ -330,10 +344,7 @@ def _bwd_cols(DY, X, W, Mean, Rstd, C1, C2, DH, DX, DW, DB, M, N,
             xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
         else:
             xhat = x * rstd
-        if NEED_DW:
-            dw += dy * xhat
-        if NEED_DB:
-            db += dy
+        dw, db = _grad_partials(dw, db, dy, xhat, NEED_DW, NEED_DB)
         if NEED_DX:
             if HAS_W:
                 g = dy * w
@@ -343,11 +354,7 @@ def _bwd_cols(DY, X, W, Mean, Rstd, C1, C2, DH, DX, DW, DB, M, N,
             if CENTERED:
                 dx = dx - tl.load(C2 + row)
             dx = dx * rstd
-            if HAS_DH:
-                dx += tl.load(DH + offs, mask=mask, other=0.0).to(acc)
-            if SOFT_BF16:
-                dx = _rne_bf16(dx)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            _store_dx(DX, DH, offs, mask, dx, acc, HAS_DH, SOFT_BF16)
     if NEED_DW:
         tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=mask)
     if NEED_DB:
