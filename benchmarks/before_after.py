@@ -48,9 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("after", type=Path)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("extra", nargs="*", help="arguments passed on to normlab bench")
-    args = p.parse_args(argv)
-    extra = args.extra or ["--dtypes", "float32,bfloat16"]
+    args, extra = p.parse_known_args(argv)  # the rest (after --) goes to normlab bench
+    extra = [a for a in extra if a != "--"] or ["--dtypes", "float32,bfloat16"]
     runs = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
